@@ -1,0 +1,17 @@
+# Two commands on a fresh machine (Debian, Python 3.10+, root or sudo):
+#   make demo   installs what is needed, renders the dataset, runs the four jobs, prints mAP@all
+#   make test   installs what is needed and runs the test suite (what .ci/run calls)
+# The environment (Debian packages + a venv keyed by pyproject.toml) is set up by
+# scripts/bootstrap.sh on first use and reused afterwards.
+CONF ?= conf/local.yaml
+
+.PHONY: demo test env
+
+env:
+	scripts/with-env.sh python -c "import audiohash, pyspark, torch, faiss, mlflow; print('environment ready')"
+
+demo:
+	scripts/with-env.sh scripts/demo.sh $(CONF)
+
+test:
+	scripts/with-env.sh python -m pytest -q -p no:cacheprovider

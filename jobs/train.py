@@ -1,0 +1,43 @@
+"""Train: read the embeddings table on the driver, sample the labeled fraction, fit the
+quantizer (train.method at train.bits), log everything to MLflow and register the model bundle.
+
+    spark-submit jobs/train.py --conf-file conf/local.yaml --method pq --bits 64 --label-fraction 0.1
+"""
+from audiohash.cli import job_parser, run_job
+
+
+def main(cfg, args):
+    import mlflow
+
+    from audiohash.spark.session import get_spark
+    from audiohash.spark.tables import read_embeddings
+    from audiohash.tracking import job_run, log_and_register_bundle
+    from audiohash.training import train_bundle
+
+    for key, value in (("method", args.method), ("bits", args.bits), ("label_fraction", args.label_fraction)):
+        if value is not None:
+            setattr(cfg.train, key, value)
+    spark = get_spark(cfg.spark)
+    table = cfg.lake.table("embeddings")
+    clip_ids, labels, x, version = read_embeddings(spark, table, cfg.encode.splits)
+    extractor = spark.read.format("delta").load(table).select("extractor", "extractor_version").first()
+    meta = {"embedding_dim": int(x.shape[1]), "extractor": extractor["extractor"],
+            "extractor_version": extractor["extractor_version"], "embeddings_table": table,
+            "embeddings_version": version}
+    with job_run(cfg, "train", run_name=f"train-{cfg.train.method}-{cfg.train.bits}b") as run:
+        bundle, metrics = train_bundle(cfg.train.method, cfg.train.bits, x, labels, cfg.train.label_fraction,
+                                       cfg.train.seed, cfg.train.hyper, cfg.model_name, meta)
+        mlflow.log_params({"method": cfg.train.method, "bits": cfg.train.bits,
+                           "label_fraction": cfg.train.label_fraction, "embeddings_version": version})
+        mlflow.log_metrics(metrics)
+        version_number = log_and_register_bundle(bundle)
+    print(f"train: {cfg.train.method} at {cfg.train.bits} bits on {len(x)} clips in {metrics['train_s']:.1f} s; "
+          f"registered {cfg.model_name} version {version_number} (MLflow run {run.info.run_id})")
+
+
+if __name__ == "__main__":
+    parser = job_parser(__doc__)
+    parser.add_argument("--method", help="shortcut for train.method (pq, opq, itq, sh, agh, dqn, ...)")
+    parser.add_argument("--bits", type=int, help="shortcut for train.bits")
+    parser.add_argument("--label-fraction", type=float, help="shortcut for train.label_fraction")
+    run_job(main, parser)

@@ -1,0 +1,58 @@
+"""Driver-side training: sample the labeled fraction, fit one quantizer, wrap it in a bundle."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import numpy as np
+
+from audiohash.bundle import ModelBundle
+from audiohash.quantizers import make_quantizer
+
+log = logging.getLogger("audiohash.training")
+
+
+def seed_everything(seed: int) -> None:
+    """The one place that seeds Python, numpy and torch (faiss k-means seeds are per call)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sample_labeled(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Keep the labels of a seeded, per-class stratified ``fraction`` of the rows.
+
+    labels: object (n,) class names. Returns label ids int64 (n,) with -1 for rows whose label is
+    hidden from training, and the class names (id -> name). Every class keeps >= 1 label.
+    """
+    classes = sorted(set(labels.tolist()))
+    index = {name: i for i, name in enumerate(classes)}
+    ids = np.array([index[name] for name in labels], np.int64)
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(labels), bool)
+    for c in range(len(classes)):
+        rows = np.flatnonzero(ids == c)
+        n_keep = max(1, int(round(fraction * len(rows))))
+        keep[rng.choice(rows, n_keep, replace=False)] = True
+    return np.where(keep, ids, -1), classes
+
+
+def train_bundle(method: str, bits: int, x: np.ndarray, labels: np.ndarray, label_fraction: float, seed: int,
+                 hyper: dict, model_name: str, meta: dict) -> tuple[ModelBundle, dict]:
+    """Fit ``method`` at ``bits`` on x (n, d) float32; only the sampled fraction's labels are used.
+
+    Returns the bundle (not yet registered) and training metrics.
+    """
+    seed_everything(seed)
+    quantizer = make_quantizer(method, bits, seed=seed, **hyper)
+    label_ids, classes = sample_labeled(labels, label_fraction, seed)
+    started = time.time()
+    quantizer.fit(x, label_ids if quantizer.supervised else None)
+    seconds = time.time() - started
+    n_labeled = int((label_ids >= 0).sum()) if quantizer.supervised else 0
+    log.info("trained %s at %d bits on %d clips (%d labeled) in %.1f s", method, bits, len(x), n_labeled, seconds)
+    meta = {**meta, "classes": classes, "n_train": len(x), "n_labeled": n_labeled, "label_fraction": label_fraction}
+    return ModelBundle(quantizer, model_name, 0, meta), {"train_s": seconds, "n_train": len(x), "n_labeled": n_labeled}

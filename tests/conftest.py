@@ -1,0 +1,54 @@
+"""Shared fixtures: one local[2] SparkSession with Delta for the whole run, the small rendered
+dataset, and a Config pointing every table and the MLflow store into a temp lake."""
+from __future__ import annotations
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from audiohash.config import SparkSettings
+    from audiohash.spark.session import get_spark
+
+    settings = SparkSettings(
+        master="local[2]", shuffle_partitions=2, show_progress=False, driver_memory="3g",
+        extra={"spark.ui.enabled": "false",
+               "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))},
+    )
+    session = get_spark(settings)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory) -> Path:
+    """The small GM dataset rendered from the real soundfonts (seconds), once per test run."""
+    from audiohash.dataset import render_dataset
+
+    return Path(render_dataset(tmp_path_factory.mktemp("dataset"), size="small", seed=0))
+
+
+def make_config(lake: Path, *overrides: str):
+    from audiohash.config import load_config
+
+    return load_config(REPO / "conf" / "small.yaml",
+                       [f"lake.root={lake}", "spark.master=local[2]", "spark.show_progress=false", *overrides])
+
+
+def load_job(name: str):
+    """Import jobs/<name>.py as a module (jobs are scripts, not package modules)."""
+    spec = importlib.util.spec_from_file_location(f"audiohash_job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_job_main(name: str, cfg, **args) -> None:
+    """Run a job's main() in this process, so it shares the test session's SparkSession."""
+    load_job(name).main(cfg, Namespace(**args))
