@@ -23,7 +23,7 @@ def job_parser(doc: str) -> argparse.ArgumentParser:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("py4j", "alembic", "mlflow.store", "urllib3"):
+    for noisy in ("py4j", "alembic", "mlflow.store", "urllib3", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,0 +1,197 @@
+"""Extractors: logmel statistics checked against hand-worked properties; torchscript against the
+eager model it was saved from; the registry and the per-process cache."""
+import hashlib
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from audiohash.errors import AudiohashError
+from audiohash.features import LogMelExtractor, TorchScriptExtractor, get_extractor, make_extractor
+
+SR = 16000
+# torch 2.15 marks torch.jit.script/trace/save deprecated; the tests still need TorchScript files.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def logmel() -> LogMelExtractor:
+    return make_extractor("logmel")
+
+
+def noise(b: int, n: int = 32000, seed: int = 0, scale: float = 0.1) -> np.ndarray:
+    return (scale * np.random.default_rng(seed).standard_normal((b, n))).astype(np.float32)
+
+
+# ---- logmel --------------------------------------------------------------------------------------
+def test_logmel_shape_dtype_finite_deterministic(logmel):
+    assert (logmel.sample_rate, logmel.window_samples, logmel.embedding_dim) == (16000, 32000, 128)
+    x = noise(5)
+    x[4] = 0  # a silent (padded) row must stay finite: eps floors the log
+    e = logmel.embed(x)
+    assert e.shape == (5, 128) and e.dtype == np.float32 and np.isfinite(e).all()
+    np.testing.assert_array_equal(e, logmel.embed(x))
+    np.testing.assert_allclose(e[4], np.r_[np.full(64, np.log(1e-6)), np.zeros(64)], atol=1e-6)
+    assert logmel.embed(np.zeros((0, 32000), np.float32)).shape == (0, 128)
+
+
+def test_logmel_batch_rows_are_independent(logmel):
+    x = noise(6, seed=1) * np.linspace(0.1, 2, 6, dtype=np.float32)[:, None]
+    batch = logmel.embed(x)
+    for i in range(6):
+        np.testing.assert_allclose(batch[i], logmel.embed(x[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch[::-1], logmel.embed(x[::-1]), rtol=1e-5, atol=1e-5)
+
+
+def test_gain_shifts_every_band_mean_by_log_gain_squared(logmel):
+    # Power scales by g^2 in every bin, so log(mel) moves by log(g^2) wherever mel >> eps, and the
+    # spread over time does not change.
+    x = noise(2, seed=2)
+    base, loud = logmel.embed(x), logmel.embed(3.0 * x)
+    np.testing.assert_allclose(loud[:, :64] - base[:, :64], np.log(9.0), atol=1e-3)
+    np.testing.assert_allclose(loud[:, 64:], base[:, 64:], atol=1e-3)
+
+
+@pytest.mark.parametrize("band", [5, 20, 40, 55])
+def test_sine_peaks_in_the_band_centred_on_its_frequency(logmel, band):
+    # Slaney mel centres for 64 bands over 0-8000 Hz, computed independently of the extractor.
+    centres = librosa.mel_frequencies(n_mels=66, fmin=0.0, fmax=8000.0)[1:-1]
+    f = centres[band]
+    t = np.arange(32000) / SR
+    e = logmel.embed((0.5 * np.sin(2 * np.pi * f * t))[None].astype(np.float32))
+    assert int(np.argmax(e[0, :64])) == band
+
+
+def test_logmel_version_follows_parameters(logmel):
+    assert logmel.version == make_extractor("logmel").version
+    assert logmel.version.startswith("logmel-v1-64mel-1024fft")
+    changes = [{"n_mels": 32}, {"hop_length": 320}, {"fmin": 50.0}, {"window_s": 1.0},
+               {"win_length": 400}]
+    others = [make_extractor("logmel", **kw).version for kw in changes]
+    assert len({logmel.version, *others}) == 6
+    assert make_extractor("logmel", n_mels=32).embedding_dim == 64
+
+
+def test_logmel_rejects_bad_batches_and_parameters(logmel):
+    for bad in [np.zeros(32000, np.float32), np.zeros((2, 16000), np.float32)]:
+        with pytest.raises(AudiohashError, match="32000"):
+            logmel.embed(bad)
+    x = noise(2)
+    x[1, 5] = np.nan
+    with pytest.raises(AudiohashError, match="NaN"):
+        logmel.embed(x)
+    with pytest.raises(AudiohashError, match="n_fft"):
+        make_extractor("logmel", window_s=0.05)
+    with pytest.raises(AudiohashError, match="fmax"):
+        make_extractor("logmel", fmax=9000.0)
+
+
+# ---- registry and cache ----------------------------------------------------------------------
+def test_unknown_extractor_lists_known_ones():
+    with pytest.raises(AudiohashError, match=r"'vggish'.*logmel, torchscript"):
+        make_extractor("vggish")
+    with pytest.raises(AudiohashError, match="n_bands"):
+        make_extractor("logmel", n_bands=64)
+
+
+def test_get_extractor_caches_per_parameter_set():
+    a = get_extractor("logmel", n_mels=48)
+    assert get_extractor("logmel", n_mels=48) is a
+    assert get_extractor("logmel", n_mels=40) is not a
+    assert get_extractor("logmel") is not a
+
+
+# ---- torchscript ---------------------------------------------------------------------------------
+class TinyConv(torch.nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 8, kernel_size=64, stride=32)
+        self.proj = torch.nn.Linear(8, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x.unsqueeze(1)))  # (b, 8, frames)
+        return self.proj(h.mean(dim=2))  # (b, dim)
+
+
+class Flat(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)  # (b,): not an embedding batch
+
+
+class BatchWide(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : x.shape[0]]  # (b, b): its width depends on the batch size
+
+
+def save_scripted(module: torch.nn.Module, path) -> str:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(module), str(path))
+    return str(path)
+
+
+def test_torchscript_matches_the_eager_model(tmp_path):
+    torch.manual_seed(0)
+    eager = TinyConv(dim=16).eval()
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(eager, torch.zeros(1, 32000)), str(path))
+    ext = make_extractor("torchscript", path=str(path))
+    assert ext.embedding_dim == 16 and ext.window_samples == 32000 and ext.sample_rate == 16000
+    assert ext.version == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    x = noise(3, seed=3)
+    out = ext.embed(x)
+    with torch.no_grad():
+        ref = eager(torch.from_numpy(x)).numpy()
+    assert out.shape == (3, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AudiohashError, match="32000"):
+        ext.embed(noise(2, n=16000))
+
+
+def test_torchscript_window_parameter(tmp_path):
+    path = save_scripted(TinyConv(dim=7), tmp_path / "m.pt")
+    ext = make_extractor("torchscript", path=path, window_s=1.0)
+    assert ext.window_samples == 16000 and ext.embed(noise(2, n=16000)).shape == (2, 7)
+
+
+def test_torchscript_bad_files_name_the_path(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(AudiohashError, match="missing.pt"):
+        make_extractor("torchscript", path=str(missing))
+    state = tmp_path / "state_dict.pt"
+    torch.save(TinyConv().state_dict(), str(state))  # a checkpoint, not TorchScript
+    with pytest.raises(AudiohashError, match="state_dict.pt.*not a TorchScript"):
+        make_extractor("torchscript", path=str(state))
+    text = tmp_path / "text.pt"
+    text.write_text("not a model")
+    with pytest.raises(AudiohashError, match="text.pt.*not a TorchScript"):
+        make_extractor("torchscript", path=str(text))
+    flat = save_scripted(Flat(), tmp_path / "flat.pt")
+    with pytest.raises(AudiohashError, match=r"flat.pt returned \(2,\)"):
+        make_extractor("torchscript", path=flat)
+    with pytest.raises(AudiohashError, match="path"):
+        make_extractor("torchscript")
+
+
+def test_torchscript_width_must_stay_what_the_probe_saw(tmp_path):
+    ext = make_extractor("torchscript", path=save_scripted(BatchWide(), tmp_path / "wide.pt"))
+    assert ext.embedding_dim == 2 and ext.embed(noise(2)).shape == (2, 2)
+    with pytest.raises(AudiohashError, match="wide.pt returned width 3"):
+        ext.embed(noise(3))
+
+
+def test_torchscript_model_that_fails_on_the_window_is_reported(tmp_path):
+    # 0.001 s = 16 samples, shorter than the conv kernel: the probe at load time fails.
+    path = save_scripted(TinyConv(), tmp_path / "tiny.pt")
+    with pytest.raises(AudiohashError, match="tiny.pt failed on input"):
+        make_extractor("torchscript", path=path, window_s=0.001)
+
+
+def test_get_extractor_reloads_a_replaced_model_file(tmp_path):
+    path = save_scripted(TinyConv(dim=4), tmp_path / "m.pt")
+    first = get_extractor("torchscript", path=path)
+    assert get_extractor("torchscript", path=path) is first
+    torch.jit.save(torch.jit.script(TinyConv(dim=5)), path)
+    second = get_extractor("torchscript", path=path)
+    assert second is not first and second.embedding_dim == 5 and second.version != first.version
+    assert isinstance(second, TorchScriptExtractor)
