@@ -15,3 +15,8 @@ demo:
 
 test:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider
+
+# The project code as one zip for a Spark cluster (spark-submit --py-files dist/audiohash.zip ...).
+.PHONY: package
+package:
+	scripts/package.sh dist/audiohash.zip

@@ -1,9 +1,14 @@
 """Extract: audio files (a manifest or a folder of class sub-folders) -> embeddings Delta table.
 
-Decodes (soundfile), resamples to 16 kHz mono and embeds (extract.extractor, default log-mel
-statistics) in the executors; files that cannot be embedded go to the rejects table with the reason.
+Lists the input files, skips those the embeddings table already holds for this extractor, reads
+the bytes of the others with Spark's binaryFile source, and decodes (soundfile), resamples to
+16 kHz mono and embeds them (extract.extractor: logmel, or torchscript with extract.model_path)
+in the executors. Every input file ends in the embeddings table or in the rejects table with
+its reason; the counts are printed per stage and at the end.
 
     spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=lake/dataset/manifest.csv
+    spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=/data/ESC-50/audio-by-class \\
+        extract.extractor=torchscript extract.model_path=/models/encoder.pt
 """
 from audiohash.cli import job_parser, run_job
 
@@ -15,7 +20,8 @@ def main(cfg, args):
     spark = get_spark(cfg.spark)
     summary = extract_embeddings(
         spark, cfg.extract_input, cfg.lake.table("embeddings"), cfg.lake.table("rejects"),
-        cfg.extract.extractor, cfg.extract.extractor_params(), cfg.extract.max_windows, cfg.extract.batch_size,
+        cfg.extract.extractor, cfg.extract.extractor_params(), max_windows=cfg.extract.max_windows,
+        batch_size=cfg.extract.batch_size, windows_per_call=cfg.extract.windows_per_call,
     )
     print(summary.line())
 

@@ -19,7 +19,7 @@ def main(cfg, args):
             setattr(cfg.train, key, value)
     spark = get_spark(cfg.spark)
     table = cfg.lake.table("embeddings")
-    clip_ids, labels, x, version = read_embeddings(spark, table, cfg.encode.splits)
+    clip_ids, labels, x, version = read_embeddings(spark, table, cfg.train.splits or cfg.encode.splits)
     extractor = spark.read.format("delta").load(table).select("extractor", "extractor_version").first()
     meta = {"embedding_dim": int(x.shape[1]), "extractor": extractor["extractor"],
             "extractor_version": extractor["extractor_version"], "embeddings_table": table,

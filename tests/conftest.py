@@ -11,6 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # Until pyproject.toml lists it with the other markers.
+    config.addinivalue_line("markers", "cluster: runs the jobs with spark-submit on a Spark standalone cluster "
+                                       "(a master and two workers on loopback, tests/spark_cluster.py)")
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from audiohash.config import SparkSettings

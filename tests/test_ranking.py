@@ -7,7 +7,7 @@ import pytest
 from audiohash.arrow_arrays import binary_column, code_matrix, embedding_matrix
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import make_quantizer
-from audiohash.ranking import merge_topk, partition_from_record, partition_record, scan_partition
+from audiohash.ranking import merge_topk, partition_record, partitions_from_table, scan_partition
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,17 @@ def pq_setup():
 def batches_of(codes, ids, sizes):
     out, start = [], 0
     for s in sizes:
-        out.append(pa.RecordBatch.from_arrays([pa.array(ids[start:start + s]), binary_column(codes[start:start + s])],
-                                              names=["clip_id", "code"]))
+        out.append(pa.RecordBatch.from_arrays(
+            [pa.array(ids[start:start + s]), binary_column(codes[start:start + s]),
+             pa.array(["m"] * s), pa.array([3] * s, pa.int32())],
+            names=["clip_id", "code", "model_name", "model_version"]))
         start += s
     return out
 
 
 def test_partitioned_scan_and_merge_equal_one_faiss_index(pq_setup):
     q, codes, xq = pq_setup
-    ids = np.array([f"clip{i:05d}" for i in range(len(codes))], dtype=object)
+    ids = [f"clip{i:05d}" for i in range(len(codes))]
     k = 50
     # Reference: one faiss IndexPQ over all codes, searched with the query side.
     index = q.scan_index()
@@ -40,9 +42,10 @@ def test_partitioned_scan_and_merge_equal_one_faiss_index(pq_setup):
     parts, start = [], 0
     for size in (1000, 1700, 300):
         batches = batches_of(codes[start:start + size], ids[start:start + size], [size // 2, size - size // 2])
-        record = partition_record(scan_partition(batches, q, q.query_side(xq), k)).to_pylist()[0]
-        parts.append(partition_from_record(record, len(xq)))
+        parts.append(partition_record(scan_partition(batches, q, q.query_side(xq), k)))
         start += size
+    parts = partitions_from_table(pa.Table.from_batches(parts), len(xq))
+    assert [p.models for p in parts] == [("m:3",)] * 3
     D, got = merge_topk(parts, k)
     np.testing.assert_allclose(D, D_ref, rtol=1e-5)
     # Same id lists up to swaps among equal distances.
@@ -50,14 +53,14 @@ def test_partitioned_scan_and_merge_equal_one_faiss_index(pq_setup):
         for d in np.unique(D_ref[row]):
             if d == D_ref[row].max():
                 continue  # the last distance's ties may be cut differently at the boundary
-            assert set(got[row][D[row] == d]) == set(ids[I_ref[row][D_ref[row] == d]])
+            assert set(got[row][D[row] == d]) == {ids[i] for i in I_ref[row][D_ref[row] == d]}
 
 
 def test_merge_breaks_ties_by_clip_id():
     from audiohash.ranking import PartitionTopK
 
-    a = PartitionTopK(np.array([[1.0, 2.0]], np.float32), np.array([[0, 1]], np.int32), np.array(["z", "b"], object))
-    b = PartitionTopK(np.array([[1.0, 2.0]], np.float32), np.array([[0, 1]], np.int32), np.array(["c", "a"], object))
+    a = PartitionTopK(np.array([[1.0, 2.0]], np.float32), np.array([[0, 1]], np.int32), pa.array(["z", "b"]))
+    b = PartitionTopK(np.array([[1.0, 2.0]], np.float32), np.array([[0, 1]], np.int32), pa.array(["c", "a"]))
     D, ids = merge_topk([a, b], 3)
     assert ids.tolist() == [["c", "z", "a"]]
     np.testing.assert_array_equal(D, [[1.0, 1.0, 2.0]])
@@ -68,7 +71,7 @@ def test_merge_breaks_ties_by_clip_id():
 def test_empty_partition_and_k_larger_than_partition(pq_setup):
     q, codes, xq = pq_setup
     empty = scan_partition([], q, q.query_side(xq), 10)
-    small = scan_partition(batches_of(codes[:4], np.array(list("abcd"), object), [4]), q, q.query_side(xq), 10)
+    small = scan_partition(batches_of(codes[:4], list("abcd"), [4]), q, q.query_side(xq), 10)
     assert small.distances.shape == (len(xq), 4)
     D, ids = merge_topk([empty, small], 10)
     assert ids.shape == (len(xq), 4) and set(ids[0]) == set("abcd")
@@ -85,3 +88,50 @@ def test_arrow_views_round_trip_and_name_bad_rows():
     np.testing.assert_array_equal(embedding_matrix(emb.slice(0, 2), 2), [[1, 2], [3, 4]])
     with pytest.raises(AudiohashError, match="row 2 has 1 values, expected 2"):
         embedding_matrix(emb, 2)
+
+
+def test_fast_scan_codes_round_trip_and_rank_like_faiss():
+    rng = np.random.default_rng(5)
+    xb = rng.normal(size=(4000, 32)).astype(np.float32)
+    xq = rng.normal(size=(10, 32)).astype(np.float32)
+    q = make_quantizer("pq_fastscan", 64, seed=0).fit(xb)
+    codes = q.encode(xb)
+    assert codes.shape == (4000, 8)  # 16 sub-codes of 4 bits
+    index = q.filled_scan_index(codes)
+    np.testing.assert_array_equal(index.sa_encode(q.transform(xb)), codes)
+    # Reference: faiss's own fast-scan index fed the same vectors.
+    ref = faiss.IndexPQFastScan(32, 16, 4)
+    ref.pq = index.pq
+    ref.is_trained = True
+    ref.add(q.transform(xb))
+    D_ref, I_ref = ref.search(q.query_side(xq), 20)
+    D, I = q.scan(codes, q.query_side(xq), 20)
+    np.testing.assert_array_equal(I, I_ref)
+
+
+def test_model_check_names_both_versions():
+    from audiohash.bundle import ModelBundle
+    from audiohash.ranking import PartitionTopK, check_models
+
+    bundle = ModelBundle(make_quantizer("pq", 8), "audiohash-pq-8b", 2, {})
+    part = PartitionTopK(np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int32), pa.array([], pa.string()),
+                         ("audiohash-pq-8b:1",))
+    with pytest.raises(AudiohashError, match=r"audiohash-pq-8b:1.*bundle is audiohash-pq-8b:2"):
+        check_models([part], "lake/codes", bundle)
+    with pytest.raises(AudiohashError, match="empty"):
+        check_models([], "lake/codes", bundle)
+    part.models = ("audiohash-pq-8b:2",)
+    check_models([part], "lake/codes", bundle)
+
+
+def test_query_batches_fit_the_budget():
+    from audiohash.ranking import plan_query_batches
+
+    # 10 queries, k=100 over 4 partitions = 4,800 B/query + 1,000 B of tables: 5,800 B each.
+    assert plan_query_batches(10, 1000, 100, 4, 1000, 10**9) == [(0, 10)]
+    assert plan_query_batches(10, 3, 100, 4, 1000, 10**9) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert plan_query_batches(10, 1000, 100, 4, 1000, 5800 * 4 + 1) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_query_batches(3, 1000, 10**9, 4, 1000, 10) == [(0, 1), (1, 2), (2, 3)]  # never empty
+    for n, req in [(1, 1), (999, 7), (1000, 1000), (1001, 1000)]:
+        spans = plan_query_batches(n, req, 50, 2, 0, 10**9)
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))

@@ -58,7 +58,8 @@ class ExtractSettings:
     model_path: str = ""  # TorchScript file for extractor=torchscript
     window_s: float = 2.0
     max_windows: int = 0  # windows kept per long file; 0 = all
-    batch_size: int = 256  # files per Arrow batch handed to one extractor call
+    batch_size: int = 256  # files per Arrow batch handed to one executor worker call
+    windows_per_call: int = 4  # windows per extractor call (logmel is fastest on a few at a time)
 
     def extractor_params(self) -> dict:
         params = {"window_s": self.window_s}
@@ -80,6 +81,7 @@ class TrainSettings:
     label_fraction: float = 0.1
     seed: int = 0
     hyper: dict[str, typing.Any] = field(default_factory=dict)  # method-specific hyper-parameters
+    splits: list[str] = field(default_factory=list)  # training rows; [] = encode.splits (the database)
 
 
 @dataclass
@@ -87,6 +89,12 @@ class EncodeSettings:
     n_shards: int = 8
     splits: list[str] = field(default_factory=lambda: ["db"])  # [] = every row of the table
     batch_rows: int = 65536
+    # incremental: encode only new/changed rows, delete removed ones (a full reindex when the model,
+    # n_shards or splits changed); full: re-encode everything. Both commit once, atomically.
+    mode: str = "incremental"
+    rollback_to: int = -1  # >= 0: restore the code table to this Delta version and stop (no encode)
+    optimize: bool = False  # compact the code table's small files after writing (OPTIMIZE)
+    vacuum_hours: int = 0  # > 0: VACUUM files unreferenced for this long (Delta refuses < 168)
 
 
 @dataclass
@@ -94,7 +102,8 @@ class QuerySettings:
     split: str = "query"
     top_r: int = 0  # 0 = the whole database (mAP@all)
     evaluate: bool = True
-    query_batch: int = 1000
+    query_batch: int = 1000  # queries per scan; fewer when memory_budget_mb asks
+    memory_budget_mb: int = 1024  # driver memory for one batch's candidates and tables
     results_r: int = 100  # ranks per query written to the results table
     float_reference: bool = True  # recall@R against exact float search (collects the database)
 
@@ -131,8 +140,12 @@ class Config:
         return "sqlite:///" + os.path.abspath(lake_path(self.lake.root, "mlflow.db"))
 
     @property
-    def artifact_root(self) -> str:
-        return Path(os.path.abspath(lake_path(self.lake.root, "mlartifacts"))).as_uri()
+    def artifact_root(self) -> str | None:
+        """Artifacts beside a local sqlite store; None (the server's default) for a tracking server."""
+        uri = self.tracking_uri
+        if not uri.startswith("sqlite:///"):
+            return None
+        return Path(uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
 
 
 def lake_path(root: str, name: str) -> str:
@@ -235,6 +248,9 @@ def _validate(cfg: Config) -> None:
         (cfg.query.top_r >= 0, "query.top_r", ">= 0 (0 = whole database)"),
         (cfg.query.query_batch >= 1, "query.query_batch", ">= 1"),
         (cfg.extract.window_s > 0, "extract.window_s", "> 0"),
+        (cfg.extract.max_windows >= 0, "extract.max_windows", ">= 0 (0 = all windows)"),
+        (cfg.extract.batch_size >= 1, "extract.batch_size", ">= 1"),
+        (cfg.extract.windows_per_call >= 1, "extract.windows_per_call", ">= 1"),
     ]
     for ok, key, what in checks:
         if not ok:

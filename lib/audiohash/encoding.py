@@ -1,14 +1,32 @@
-"""The encode worker: a batch of embedding rows in, code rows out (pure pyarrow/numpy)."""
+"""Encoding without Spark: the batch worker the executors run, and the plan of an encode run.
+
+- ``encode_batch``: a batch of embedding rows in, code rows out (pyarrow/numpy).
+- ``Lineage``: what a code-table commit was made from (model version, embeddings version, shards,
+  splits, MLflow run); stored as the Delta commit's userMetadata, read back by the next run.
+- ``plan_encode``: from the code table's lineage, the requested one and the embeddings table's
+  log since then, decide what a run must do: nothing, append the rows of new files, compare
+  every row's fingerprint, or re-encode everything.
+"""
 from __future__ import annotations
 
-import datetime as dt
+import json
+import urllib.parse
 import zlib
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from audiohash.arrow_arrays import binary_column, embedding_matrix
-from audiohash.bundle import ModelBundle
+from audiohash.arrow_arrays import binary_column
+from audiohash.errors import AudiohashError
+from audiohash.quantizers import Quantizer
+from audiohash.schemas import ENCODE_INPUT_COLUMNS, ENCODED_DDL
+
+ENCODE_MODES = ("incremental", "full")
+# Rows per quantizer.encode call. PQ's faiss encode builds rows x M x 256 float distance tables:
+# at 16384 rows that is 128 MB for M = 8, which keeps it from paging in gigabytes per batch.
+ENCODE_CHUNK_ROWS = 16384
+ENCODED_COLUMNS = [c.split()[0] for c in ENCODED_DDL.split(", ")]
 
 
 def shard_of(clip_ids: list[str], n_shards: int) -> np.ndarray:
@@ -16,28 +34,165 @@ def shard_of(clip_ids: list[str], n_shards: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(c.encode()) % n_shards for c in clip_ids), np.int32, len(clip_ids))
 
 
-def encode_batch(batch: pa.RecordBatch, bundle: ModelBundle, n_shards: int, embedding_version: int,
-                 encoded_at: dt.datetime) -> pa.RecordBatch:
-    """Rows (clip_id, label, embedding) -> rows of ``schemas.CODES_DDL``.
+def encodable_rows(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """list<float> column of n rows -> (mask bool (n,), x float32 (mask.sum(), dim)).
 
-    The caller has already filtered out rows with a wrong-size or NaN embedding; one left here
-    raises AudiohashError naming the row.
+    A row is encodable when it is not null and holds ``dim`` finite, non-null values; the others
+    are left out of x (the caller lists them as rejects).
     """
-    quantizer = bundle.quantizer
-    x = embedding_matrix(batch.column("embedding"), quantizer.input_dim)
-    codes = quantizer.encode(x)
-    n = len(codes)
-    clip_ids = batch.column("clip_id")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    mask = np.diff(offsets) == dim
+    if column.null_count:
+        mask &= column.is_valid().to_numpy(zero_copy_only=False)
+    values = column.values.to_numpy(zero_copy_only=False)  # null values come out as NaN
+    if mask.all():
+        x = values[offsets[0]: offsets[-1]].reshape(len(mask), dim)
+    else:
+        x = values[offsets[:-1][mask][:, None] + np.arange(dim)]
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        mask[mask] = finite
+        x = x[finite]
+    return mask, np.ascontiguousarray(x, dtype=np.float32)
+
+
+def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> pa.RecordBatch:
+    """Rows (clip_id, label, source_hash, embedding) -> rows of ``schemas.ENCODED_DDL``, one per
+    encodable row (see ``encodable_rows``); the others are dropped here and found later by the
+    Spark layer as the rows without a code."""
+    missing = [c for c in ENCODE_INPUT_COLUMNS if c not in batch.schema.names]
+    if missing:
+        raise AudiohashError(f"encode batch: missing columns {missing} (has {batch.schema.names})")
+    mask, x = encodable_rows(batch.column("embedding"), quantizer.input_dim)
+    codes = np.zeros((len(x), quantizer.code_size), np.uint8)
+    for start in range(0, len(x), ENCODE_CHUNK_ROWS):
+        codes[start: start + ENCODE_CHUNK_ROWS] = quantizer.encode(x[start: start + ENCODE_CHUNK_ROWS])
+    keep = None if mask.all() else pa.array(mask)
+    clip_ids, labels, hashes = (batch.column(c) if keep is None else batch.column(c).filter(keep)
+                                for c in ("clip_id", "label", "source_hash"))
     return pa.RecordBatch.from_arrays(
-        [
-            clip_ids,
-            pa.array(shard_of(clip_ids.to_pylist(), n_shards), pa.int32()),
-            binary_column(codes),
-            batch.column("label"),
-            pa.array([bundle.model_name] * n, pa.string()),
-            pa.array(np.full(n, bundle.model_version, np.int32)),
-            pa.array(np.full(n, embedding_version, np.int64)),
-            pa.array([encoded_at] * n, pa.timestamp("us", tz="UTC")),
-        ],
-        names=["clip_id", "shard", "code", "label", "model_name", "model_version", "embedding_version", "encoded_at"],
+        [clip_ids, pa.array(shard_of(clip_ids.to_pylist(), n_shards), pa.int32()), binary_column(codes), labels, hashes],
+        names=ENCODED_COLUMNS,
     )
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a code table's content was made from; JSON in the Delta commit's userMetadata."""
+
+    model_name: str
+    model_version: int
+    n_shards: int
+    splits: tuple[str, ...]
+    embeddings_table: str  # where it was read (for people: a copied or moved lake keeps its table id)
+    embeddings_version: int
+    embeddings_table_id: str = ""  # the Delta table id: versions are comparable only within one table
+    run_id: str = ""  # the MLflow run of jobs/encode.py that made the commit
+    model_run_id: str = ""  # the MLflow run that trained and registered the model version
+
+    def to_json(self) -> str:
+        return json.dumps({"audiohash_codes": 1, **asdict(self), "splits": list(self.splits)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "Lineage | None":
+        """The lineage in a commit's userMetadata, or None if the commit was not made by encode."""
+        try:
+            data = json.loads(text or "")
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.pop("audiohash_codes", None) != 1:
+            return None
+        try:
+            return cls(**{**data, "splits": tuple(data["splits"])})
+        except (TypeError, KeyError):
+            return None
+
+    def same_index(self, other: "Lineage") -> bool:
+        """True when ``other`` describes codes that an incremental run may update in place."""
+        return (self.model_name, self.model_version, self.n_shards, sorted(self.splits)) == (
+            other.model_name, other.model_version, other.n_shards, sorted(other.splits))
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """What one encode run does.
+
+    mode: "none" (write nothing), "append" (encode the rows of ``added_files``, Delta log paths),
+    "compare" (upsert rows whose fingerprint changed, delete rows gone from the embeddings),
+    "full" (re-encode every row, replace the table in one commit).
+    """
+
+    mode: str
+    reason: str
+    added_files: tuple[str, ...] = field(default=())
+
+
+def data_file(table: str, log_path: str) -> str:
+    """Location of a data file named by a Delta log ``add`` path (URL-encoded; relative to the
+    table, or an absolute URI)."""
+    if urllib.parse.urlparse(log_path).scheme:
+        return log_path
+    return table.rstrip("/") + "/" + urllib.parse.unquote(log_path)
+
+
+def appended_files(actions: list[dict]) -> tuple[list[str] | None, str]:
+    """Delta log actions of the commits after the last encoded version -> (added files, why).
+
+    Returns the log paths of the data files added by commits that only add rows. Any
+    action that removes or rewrites rows (remove, a dataChange=false add from OPTIMIZE, a schema
+    change, deletion vectors) returns (None, reason): then rows may have changed anywhere.
+    """
+    added = []
+    for action in actions:
+        if "remove" in action:
+            return None, "rows were removed or rewritten in the embeddings table"
+        if "metaData" in action:
+            return None, "the embeddings table's schema or settings changed"
+        if "add" in action:
+            add = action["add"]
+            if not add.get("dataChange", True) or add.get("deletionVector"):
+                return None, "files of the embeddings table were rewritten"
+            added.append(add["path"])
+    return added, f"{len(added)} file(s) appended to the embeddings table"
+
+
+def plan_encode(requested: Lineage, current: Lineage | None, mode: str,
+                actions: list[dict] | None) -> EncodePlan:
+    """Decide what to do.
+
+    requested: the lineage this run would write (the model to use, the embeddings version to
+    read). current: the lineage of the code table's content, None when there is no table or its
+    content was changed by something else than encode. actions: the embeddings table's log
+    actions of versions current.embeddings_version + 1 .. requested.embeddings_version, None if
+    not readable.
+    """
+    if mode not in ENCODE_MODES:
+        raise AudiohashError(f"config key 'encode.mode' must be one of {list(ENCODE_MODES)}, got {mode!r}")
+    if mode == "full":
+        return EncodePlan("full", "encode.mode=full")
+    if current is None:
+        return EncodePlan("full", "no code table written by encode yet")
+    if not requested.same_index(current):
+        changes = [f"{name} {getattr(current, name)!r} -> {getattr(requested, name)!r}"
+                   for name in ("model_name", "model_version", "n_shards", "splits")
+                   if getattr(current, name) != getattr(requested, name)]
+        return EncodePlan("full", "full reindex: " + ", ".join(changes))
+    if requested.embeddings_table_id != current.embeddings_table_id:
+        return EncodePlan("compare", f"the embeddings table is not the one last encoded (Delta table id "
+                                     f"{current.embeddings_table_id or '?'} -> {requested.embeddings_table_id})")
+    if requested.embeddings_version == current.embeddings_version:
+        return EncodePlan("none", f"embeddings table unchanged since version {current.embeddings_version}")
+    if requested.embeddings_version < current.embeddings_version:
+        return EncodePlan("compare", f"embeddings version {requested.embeddings_version} is older than the "
+                                     f"encoded version {current.embeddings_version}")
+    if actions is None:
+        return EncodePlan("compare", f"embeddings log after version {current.embeddings_version} not usable "
+                                     f"(cleaned up, or the table is partitioned or column-mapped)")
+    added, why = appended_files(actions)
+    if added is None:
+        return EncodePlan("compare", why)
+    if not added:
+        return EncodePlan("none", f"no rows added since embeddings version {current.embeddings_version}")
+    return EncodePlan("append", why, tuple(added))

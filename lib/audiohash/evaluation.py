@@ -33,3 +33,32 @@ def retrieval_metrics(query_labels: np.ndarray, db_labels: np.ndarray, ranked: n
     if reference is not None:
         out[f"recall_at_{R}"] = metrics.recall_at_r(ranked, reference)
     return out
+
+
+def curve_points(R: int, n_points: int = 60) -> np.ndarray:
+    """Log-spaced ranks 1..R (int64, unique, R included) at which curves are sampled."""
+    return np.unique(np.round(np.logspace(0, np.log10(max(R, 1)), n_points)).astype(np.int64).clip(1, R))
+
+
+def retrieval_curves(query_labels: np.ndarray, db_labels: np.ndarray, ranked: np.ndarray,
+                     r_points: np.ndarray | None = None) -> dict[str, list]:
+    """mAP@R, precision@R and recall@R (relevant found / relevant in the database) at ``r_points``.
+
+    ranked: int64 (nq, R) positions into db_labels. Returns plain lists (JSON-ready):
+    {"r", "map_at_r", "precision_at_r", "recall_at_r"}.
+    """
+    rel = metrics.relevance(query_labels, db_labels, ranked)
+    R = rel.shape[1]
+    r_points = curve_points(R) if r_points is None else np.asarray(r_points)
+    hits = np.cumsum(rel, axis=1, dtype=np.int64)
+    ranks = np.arange(1, R + 1)
+    # AP@r for every r at once: running sum of precision at each hit, over hits so far.
+    ap = np.cumsum(np.where(rel, hits / ranks, 0.0), axis=1) / np.maximum(hits, 1)
+    labels, counts = np.unique(np.asarray(db_labels), return_counts=True)
+    n_relevant = dict(zip(labels.tolist(), counts.tolist()))
+    per_query = np.array([n_relevant.get(label, 0) for label in np.asarray(query_labels).tolist()], np.float64)
+    cols = r_points - 1
+    recall = hits[:, cols] / np.maximum(per_query, 1)[:, None]
+    return {"r": r_points.tolist(), "map_at_r": ap[:, cols].mean(axis=0).tolist(),
+            "precision_at_r": (hits[:, cols] / r_points).mean(axis=0).tolist(),
+            "recall_at_r": recall.mean(axis=0).tolist()}

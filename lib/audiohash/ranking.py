@@ -2,7 +2,8 @@
 
 A partition returns its top-k per query as arrays (one record per partition, never a row per
 candidate); the driver merges them into the global top-k. Ties at equal distance are broken by
-clip_id, so the merged ranking is deterministic whatever the partitioning.
+clip_id, so the merged ranking is deterministic whatever the partitioning. Clip ids stay in
+Arrow arrays throughout: a million Python strings per partition would cost more than the scan.
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audiohash.arrow_arrays import code_matrix
+from audiohash.bundle import ModelBundle
+from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
 
 
@@ -22,40 +26,96 @@ class PartitionTopK:
 
     distances: np.ndarray
     local_ids: np.ndarray
-    clip_ids: np.ndarray  # object array of the partition clips the ranking refers to
+    clip_ids: pa.Array  # string array of the partition's clips that the ranking refers to
+    models: tuple[str, ...] = ()  # distinct "model_name:model_version" of the scanned rows
+    scanned_rows: int = 0  # code rows the task read
+    seconds: float = 0.0  # the task's time, set by the Spark layer (audiohash.spark.stats)
+
+
+def model_tags(batch: pa.RecordBatch) -> set[str]:
+    """Distinct "name:version" of a batch's rows (dictionary-cheap: a few distinct values)."""
+    names = pc.unique(batch.column("model_name")).to_pylist()
+    versions = pc.unique(batch.column("model_version")).to_pylist()
+    if len(names) == 1 and len(versions) == 1:
+        return {f"{names[0]}:{versions[0]}"}
+    pairs = zip(batch.column("model_name").to_pylist(), batch.column("model_version").to_pylist())
+    return {f"{n}:{v}" for n, v in set(pairs)}
 
 
 def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, query_side: np.ndarray, k: int) -> PartitionTopK:
-    """Scan all (clip_id, code) rows of one partition against every query; keep the top k."""
+    """Scan all (clip_id, code, model_name, model_version) rows of one partition against every
+    query; keep the top k and note which model versions the rows came from."""
     batches = [b for b in batches if b.num_rows]
     nq = len(query_side)
     if not batches:
-        return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), np.array([], object))
+        return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), pa.array([], pa.string()))
+    models = tuple(sorted(set().union(*(model_tags(b) for b in batches))))
     codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
-    clip_ids = np.concatenate([b.column("clip_id").to_numpy(zero_copy_only=False) for b in batches])
+    clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
     D, I = quantizer.scan(codes, query_side, min(k, len(codes)))
     # Ship only the clips that made someone's top-k, renumbered 0..u-1.
     used, local = np.unique(I, return_inverse=True)
-    return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids[used])
+    return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids.take(pa.array(used)), models,
+                         scanned_rows=len(codes))
 
 
 def partition_record(part: PartitionTopK) -> pa.RecordBatch:
     """PartitionTopK -> one Arrow row of ``schemas.SCAN_OUTPUT_DDL``."""
-    return pa.RecordBatch.from_pydict({
-        "n_rows": pa.array([part.distances.shape[1]], pa.int64()),
-        "distances": pa.array([part.distances.astype(np.float32).tobytes()], pa.binary()),
-        "local_ids": pa.array([part.local_ids.astype(np.int32).tobytes()], pa.binary()),
-        "clip_ids": pa.array([list(part.clip_ids)], pa.list_(pa.string())),
-    })
+    offsets = pa.array([0, len(part.clip_ids)], pa.int32())
+    return pa.RecordBatch.from_arrays([
+        pa.array([part.distances.shape[1]], pa.int64()),
+        pa.array([np.ascontiguousarray(part.distances, np.float32).tobytes()], pa.binary()),
+        pa.array([np.ascontiguousarray(part.local_ids, np.int32).tobytes()], pa.binary()),
+        pa.ListArray.from_arrays(offsets, part.clip_ids.cast(pa.string())),
+        pa.array([list(part.models)], pa.list_(pa.string())),
+        pa.array([part.scanned_rows], pa.int64()),
+        pa.array([part.seconds], pa.float64()),
+    ], names=["n_rows", "distances", "local_ids", "clip_ids", "models", "scanned_rows", "scan_s"])
 
 
-def partition_from_record(row: dict, nq: int) -> PartitionTopK:
-    k = int(row["n_rows"])
-    return PartitionTopK(
-        np.frombuffer(row["distances"], np.float32).reshape(nq, k),
-        np.frombuffer(row["local_ids"], np.int32).reshape(nq, k),
-        np.asarray(row["clip_ids"], dtype=object),
-    )
+def partitions_from_table(table: pa.Table, nq: int) -> list[PartitionTopK]:
+    """The collected scan records (``schemas.SCAN_OUTPUT_DDL``) -> PartitionTopK per partition."""
+    out = []
+    clip_lists = table.column("clip_ids").combine_chunks()
+    for row in range(table.num_rows):
+        k = table.column("n_rows")[row].as_py()
+        out.append(PartitionTopK(
+            np.frombuffer(table.column("distances")[row].as_py(), np.float32).reshape(nq, k),
+            np.frombuffer(table.column("local_ids")[row].as_py(), np.int32).reshape(nq, k),
+            clip_lists[row].values,
+            tuple(table.column("models")[row].as_py()),
+            table.column("scanned_rows")[row].as_py(),
+            table.column("scan_s")[row].as_py(),
+        ))
+    return out
+
+
+def check_models(parts: list[PartitionTopK], codes_table: str, bundle: ModelBundle) -> None:
+    """Refuse results from a code table written by another model (or an empty one).
+
+    Each partition reports the model versions of the rows it scanned, in the same pass as the
+    scan, so the check costs no extra Spark job; nothing is returned or written on a mismatch.
+    """
+    seen = sorted(set().union(*(p.models for p in parts)))
+    if not seen:
+        raise AudiohashError(f"code table {codes_table} is empty; run jobs/encode.py first")
+    expected = f"{bundle.model_name}:{bundle.model_version}"
+    if seen != [expected]:
+        raise AudiohashError(
+            f"code table {codes_table} holds codes of model {', '.join(seen)} (name:version), but the "
+            f"query bundle is {expected}; re-encode with jobs/encode.py model.version={bundle.model_version}, "
+            f"or query with the model.version the table was encoded with"
+        )
+
+
+def plan_query_batches(n_queries: int, requested: int, k: int, n_partitions: int, table_bytes_per_query: int,
+                       budget_bytes: int) -> list[tuple[int, int]]:
+    """Split queries into [start, stop) batches of at most ``requested`` queries whose driver-side
+    footprint fits ``budget_bytes``: per query, the partitions' candidates (k x n_partitions x
+    12 bytes: distance + id) plus its lookup tables."""
+    per_query = k * max(1, n_partitions) * 12 + table_bytes_per_query
+    size = max(1, min(requested, budget_bytes // per_query))
+    return [(start, min(n_queries, start + size)) for start in range(0, n_queries, size)]
 
 
 def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +127,8 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
     parts = [p for p in parts if p.distances.shape[1]]
     if not parts:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), object)
-    all_ids = np.concatenate([p.clip_ids for p in parts])
-    order = np.argsort(all_ids, kind="stable")
+    all_ids = pa.concat_arrays([p.clip_ids.cast(pa.string()) for p in parts])
+    order = pc.sort_indices(all_ids).to_numpy()
     ordinal = np.empty(len(all_ids), np.int64)
     ordinal[order] = np.arange(len(all_ids))  # rank of each clip id in sorted order: the tie-breaker
     offsets = np.cumsum([0] + [len(p.clip_ids) for p in parts[:-1]])
@@ -79,4 +139,6 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
     pick = np.lexsort((O, D), axis=-1)[:, :keep]
     D = np.take_along_axis(D, pick, axis=1)
     O = np.take_along_axis(O, pick, axis=1)
-    return D, all_ids[order][O]
+    # Only the kept ids become Python strings.
+    ids = all_ids.take(pa.array(order[O.ravel()])).to_numpy(zero_copy_only=False)
+    return D, ids.reshape(O.shape)

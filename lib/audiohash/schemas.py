@@ -1,7 +1,8 @@
 """Table schemas, as Spark DDL strings (used by the Spark layer) and the column names the pure
 workers produce. Kept free of pyspark so the workers and their tests do not need Spark."""
 
-# Files to embed, as the Spark layer hands them to ``extraction.embed_files``.
+# Files to embed, as the Spark layer hands them to ``extraction.embed_files`` (``content``, the
+# bytes, only when Spark's binaryFile source read them; local files are read by the worker).
 INPUT_FILE_COLUMNS = ["clip_id", "path", "label", "split", "source", "content"]
 
 EMBEDDINGS_DDL = (
@@ -9,9 +10,14 @@ EMBEDDINGS_DDL = (
     "embedding array<float>, extractor string, extractor_version string, sample_rate int, "
     "extracted_at timestamp"
 )
-# What the extract worker emits: embedding rows and reject rows in one stream, told apart by
-# ``reject_reason`` (null for embedded rows); the Spark layer writes each to its table.
-EXTRACT_OUTPUT_DDL = EMBEDDINGS_DDL + ", reject_reason string, reject_message string"
+# What the extract worker (``extraction.embed_files``) emits: one row per window of an embedded
+# file (clip_id ``<clip_id>`` or ``<clip_id>#<offset>``, n_windows its file's window count) and one
+# row per rejected file (``reject_reason`` set, embedding null); the Spark layer adds the
+# extractor columns and writes each kind to its table.
+EXTRACT_OUTPUT_DDL = (
+    "clip_id string, path string, label string, split string, source string, offset_s double, "
+    "embedding array<float>, n_windows int, reject_reason string, reject_message string"
+)
 
 REJECTS_DDL = (
     "path string, clip_id string, stage string, reason string, message string, "
@@ -20,11 +26,23 @@ REJECTS_DDL = (
 
 CODES_DDL = (
     "clip_id string, shard int, code binary, label string, model_name string, model_version int, "
-    "embedding_version long, encoded_at timestamp"
+    "embedding_version long, encoded_at timestamp, source_hash long, encode_run_id string"
 )
+# source_hash: Spark's xxhash64(embedding, label) of the row the code was made from; incremental
+# encode compares it with the embeddings table to find changed rows. encode_run_id: the MLflow
+# run of jobs/encode.py that wrote the row (lineage: that run names the model version and the
+# Delta versions it read and wrote).
+
+# What the encode worker returns per embedding row; the Spark layer adds the columns that are the
+# same for every row of a run (model, versions, time, run id) as literals.
+ENCODE_INPUT_COLUMNS = ["clip_id", "label", "source_hash", "embedding"]
+ENCODED_DDL = "clip_id string, shard int, code binary, label string, source_hash long"
 
 # One row per (partition, query batch) of the scan: arrays, never a row per candidate.
-SCAN_OUTPUT_DDL = "n_rows long, distances binary, local_ids binary, clip_ids array<string>"
+# ``models`` lists the distinct "name:version" of the scanned rows, checked by the driver.
+# ``scanned_rows`` / ``scan_s``: the task's rows and seconds (``audiohash.spark.stats``).
+SCAN_OUTPUT_DDL = ("n_rows long, distances binary, local_ids binary, clip_ids array<string>, models array<string>, "
+                   "scanned_rows long, scan_s double")
 
 RESULTS_DDL = (
     "query_id string, rank int, clip_id string, distance float, run_id string, "

@@ -29,9 +29,8 @@ def use_store(cfg: Config) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None if cfg.mlflow.tracking_uri else cfg.artifact_root
     try:
-        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
+        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.artifact_root)
     except MlflowException:  # created meanwhile by a concurrent job
         return mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
 
@@ -47,9 +46,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 @contextlib.contextmanager
-def job_run(cfg: Config, job: str, run_name: str | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one job, with the resolved config logged as params and as conf.yaml."""
+def job_run(cfg: Config, job: str, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one job, with the resolved config logged as params and as conf.yaml.
+
+    Nested under the active run when there is one (a report's parent run)."""
     experiment_id = use_store(cfg)
+    nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or job, nested=nested) as run:
         mlflow.set_tag("audiohash.job", job)
         params = {f"conf.{k}": str(v)[:500] for k, v in _flatten(config_to_dict(cfg)).items()}

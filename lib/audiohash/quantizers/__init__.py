@@ -6,9 +6,11 @@ from audiohash.quantizers.base import AdcQuantizer, Quantizer, QuantizerState
 from audiohash.quantizers.binary import AGH, ITQ, SH
 from audiohash.quantizers.dqn import DQN, DQNCls
 from audiohash.quantizers.opq import OPQ
-from audiohash.quantizers.pq import PQ
+from audiohash.quantizers.pq import PQ, PQFastScan
 
-METHODS: dict[str, type[Quantizer]] = {cls.method: cls for cls in (PQ, OPQ, ITQ, SH, AGH, DQN, DQNCls)}
+METHODS: dict[str, type[Quantizer]] = {
+    cls.method: cls for cls in (PQ, PQFastScan, OPQ, ITQ, SH, AGH, DQN, DQNCls)
+}
 
 
 def quantizer_class(method: str) -> type[Quantizer]:

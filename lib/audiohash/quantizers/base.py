@@ -122,16 +122,20 @@ class Quantizer(abc.ABC):
         nq = len(query_side)
         if len(codes) == 0 or k <= 0:
             return np.full((nq, max(k, 0)), np.inf, np.float32), np.full((nq, max(k, 0)), -1, np.int64)
+        index = self.filled_scan_index(codes)
+        dtype = np.float32 if self.metric == "adc" else np.uint8
+        D, I = index.search(np.ascontiguousarray(query_side, dtype=dtype), k)
+        D = np.where(I < 0, np.inf, D).astype(np.float32)
+        return D, I.astype(np.int64)
+
+    def filled_scan_index(self, codes: np.ndarray) -> faiss.Index | faiss.IndexBinary:
+        """``scan_index()`` holding ``codes`` uint8 (n, code_size), ready to search."""
         index = self.scan_index()
         if self.metric == "adc":
             index.add_sa_codes(codes)
-            D, I = index.search(np.ascontiguousarray(query_side, dtype=np.float32), k)
         else:
             index.add(codes)
-            D, I = index.search(np.ascontiguousarray(query_side, dtype=np.uint8), k)
-            D = D.astype(np.float32)
-        D = np.where(I < 0, np.inf, D).astype(np.float32)
-        return D, I.astype(np.int64)
+        return index
 
     def state(self) -> QuantizerState:
         if self.input_mean is None:

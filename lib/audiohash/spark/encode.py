@@ -1,86 +1,398 @@
-"""Encode stage on Spark: embeddings table -> sharded Delta code table, model bundle broadcast."""
+"""Encode stage on Spark: embeddings table -> sharded Delta code table, model bundle broadcast.
+
+One run makes at most one commit to the code table, so a killed run leaves the table as it was
+(Delta writes the data files first and commits them in one atomic log entry at the end):
+- full: every valid row of the embeddings table is encoded; the table is replaced in one commit
+  (readers see the old index or the new one; the old one stays reachable by time travel).
+- incremental (``plan_encode``): only rows of files appended since the last encode, or rows whose
+  fingerprint (``source_hash`` = xxhash64(embedding, label)) differs from the code table's, are
+  encoded; they and the deletions are applied by one MERGE. Nothing changed: nothing is written.
+Each commit carries its ``Lineage`` as userMetadata; ``rollback_codes`` restores an older version
+together with its lineage, so the next incremental run starts from what was restored.
+"""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import time
 from dataclasses import dataclass
 
+from delta.tables import DeltaTable
+from pyspark import Accumulator, StorageLevel
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
-from audiohash.schemas import CODES_DDL, REJECTS_DDL
-from audiohash.spark.tables import append_delta, overwrite_delta, set_worker_threads, table_version
+from audiohash.encoding import EncodePlan, Lineage, data_file, plan_encode
+from audiohash.errors import AudiohashError
+from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
+from audiohash.spark.tables import append_delta, overwrite_delta, set_worker_threads, table_exists, table_version
 
 log = logging.getLogger("audiohash.encode")
+CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
+USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+# Commits that rearrange files or settings but not rows: the lineage before them still holds.
+MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
+HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
+REPARTITION = False
+MAX_LOG_VERSIONS = 1000  # embeddings commits read to find appended files; more: compare every row
 
 
 @dataclass
 class EncodeSummary:
-    encoded: int
+    mode: str  # none | append | compare | full
+    reason: str
+    encoded: int  # code rows inserted or replaced
+    deleted: int
     rejected: int
     seconds: float
     embeddings_version: int
-    codes_version: int
+    codes_version: int  # the table's version after the run
+    previous_version: int | None  # before the run; None = there was no table
+
+    @property
+    def wrote(self) -> bool:
+        return self.codes_version != self.previous_version
 
     def line(self) -> str:
+        if not self.wrote:
+            return (f"encode: nothing changed ({self.reason}); code table stays at version {self.codes_version}, "
+                    f"{self.seconds:.1f} s")
         rate = self.encoded / self.seconds if self.seconds else 0.0
-        return (f"encode: {self.encoded} clips encoded ({rate:.0f} clips/s), {self.rejected} rejected, "
-                f"{self.seconds:.1f} s; read embeddings v{self.embeddings_version}, wrote codes v{self.codes_version}")
+        rollback = (f"; previous index: version {self.previous_version} (roll back with encode.rollback_to="
+                    f"{self.previous_version})" if self.previous_version is not None else "")
+        return (f"encode ({self.mode}: {self.reason}): {self.encoded} clips encoded ({rate:.0f} clips/s), "
+                f"{self.deleted} deleted, {self.rejected} rejected, {self.seconds:.1f} s; read embeddings "
+                f"v{self.embeddings_version}, wrote codes v{self.codes_version}{rollback}")
 
 
-def bad_embedding(dim: int):
-    """Rows no model can encode: null, wrong size, NaN or inf (checked in SQL, before any Python)."""
-    return F.expr(
-        f"embedding IS NULL OR size(embedding) != {dim} "
-        f"OR exists(embedding, x -> isnan(x) OR abs(x) = CAST('Infinity' AS FLOAT))"
-    )
+def read_rows(spark: SparkSession, embeddings_table: str, version: int, splits: list[str],
+              files: tuple[str, ...] | None = None) -> DataFrame:
+    """The embeddings table at ``version`` (rows of ``splits``, all if empty), with source_hash.
+
+    files: Delta log paths of data files: read those only. They are read as Parquet directly,
+    since Delta's reader would scan every file (it does not prune by file name); the planner
+    hands over only files of plain appends, without deletion vectors, to an unpartitioned table
+    without column mapping, whose rows are the files' rows.
+    """
+    rows = spark.read.format("delta").option("versionAsOf", version).load(embeddings_table)
+    if files is not None:
+        rows = spark.read.schema(rows.schema).parquet(*[data_file(embeddings_table, f) for f in files])
+    if splits:
+        rows = rows.filter(F.col("split").isin(list(splits)))
+    return rows.withColumn("source_hash", F.xxhash64("embedding", "label"))
 
 
-def encode_frame(embeddings: DataFrame, bundle: ModelBundle, n_shards: int, embedding_version: int) -> DataFrame:
-    """Rows (clip_id, label, embedding) -> code rows, encoded in the executors over Arrow batches."""
-    spark = embeddings.sparkSession
+def encode_frame(rows: DataFrame, bundle: ModelBundle, n_shards: int) -> tuple[DataFrame, Accumulator]:
+    """Rows (clip_id, label, source_hash, embedding) -> ``ENCODED_DDL`` rows, in the executors.
+
+    Also returns an accumulator of the rows the workers left out (bad embeddings): once the
+    frame has been computed, a non-zero value says a rejects listing is due.
+    """
+    spark = rows.sparkSession
     payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
+    left_out = spark.sparkContext.accumulator(0)
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-    encoded_at = dt.datetime.now(dt.timezone.utc)
 
     def encode_partition(batches):
         from audiohash.bundle import cached_bundle_from_bytes
         from audiohash.encoding import encode_batch
 
         set_worker_threads(task_cpus)
-        worker_bundle = cached_bundle_from_bytes(payload.value)
+        quantizer = cached_bundle_from_bytes(payload.value).quantizer
         for batch in batches:
-            yield encode_batch(batch, worker_bundle, n_shards, embedding_version, encoded_at)
+            out = encode_batch(batch, quantizer, n_shards)
+            if out.num_rows < batch.num_rows:
+                left_out.add(batch.num_rows - out.num_rows)
+            yield out
 
-    return embeddings.select("clip_id", "label", "embedding").mapInArrow(encode_partition, CODES_DDL)
+    return rows.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_partition, ENCODED_DDL), left_out
 
 
-def encode_table(spark: SparkSession, bundle: ModelBundle, embeddings_table: str, codes_table: str,
-                 rejects_table: str, n_shards: int, splits: list[str]) -> EncodeSummary:
-    """Full reindex: every (valid) embedding row -> one code row, committed as one Delta version."""
-    started = time.time()
-    embedding_version = table_version(spark, embeddings_table)
-    rows = spark.read.format("delta").option("versionAsOf", embedding_version).load(embeddings_table)
-    if splits:
-        rows = rows.filter(F.col("split").isin(splits))
-    bad = bad_embedding(bundle.quantizer.input_dim)
-    codes = encode_frame(rows.filter(~bad), bundle, n_shards, embedding_version)
-    lineage = json.dumps({"model_name": bundle.model_name, "model_version": bundle.model_version,
-                          "embeddings_version": embedding_version})
-    codes_version = overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage)
-    rejected = rows.filter(bad).select(
+def code_rows(encoded: DataFrame, lineage: Lineage, encoded_at: dt.datetime) -> DataFrame:
+    """Encoded rows + the columns every row of this run shares -> rows of ``CODES_DDL``."""
+    constants = {
+        "model_name": F.lit(lineage.model_name), "model_version": F.lit(lineage.model_version).cast("int"),
+        "embedding_version": F.lit(lineage.embeddings_version).cast("long"),
+        "encoded_at": F.lit(encoded_at).cast("timestamp"), "encode_run_id": F.lit(lineage.run_id),
+    }
+    return encoded.select(*[constants.get(c, F.col(c)).alias(c) for c in CODES_COLUMNS])
+
+
+@contextlib.contextmanager
+def session_conf(spark: SparkSession, settings: dict[str, str]):
+    """Set SQL confs for the duration of a block (this job's writes), then restore them."""
+    saved = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+# ---- the code table's state ------------------------------------------------------------------------
+def _history(spark: SparkSession, codes_table: str, limit: int = HISTORY_DEPTH) -> list:
+    return (DeltaTable.forPath(spark, codes_table).history(limit)
+            .select("version", "operation", "userMetadata").collect())
+
+
+def lineage_at(history: list, version: int | None = None) -> Lineage | None:
+    """The lineage of the table's content at ``version`` (default: latest) from its history rows.
+
+    Walks back over maintenance commits; None when a commit that changed rows was not made by
+    encode (or by its rollback), since then nobody knows what the rows were made from.
+    """
+    for row in sorted(history, key=lambda r: -r["version"]):
+        if version is not None and row["version"] > version:
+            continue
+        lineage = Lineage.from_json(row["userMetadata"])
+        if lineage is not None:
+            return lineage
+        if row["operation"] not in MAINTENANCE_OPERATIONS:
+            return None
+    return None
+
+
+def embeddings_log_actions(spark: SparkSession, embeddings_table: str, after: int, upto: int) -> list[dict] | None:
+    """The Delta log actions of versions after+1 .. upto of a table, or None if not readable
+    (log files cleaned up, too many versions). Reads the JSON commit files; needs no change data feed."""
+    if upto <= after:
+        return []
+    if upto - after > MAX_LOG_VERSIONS:
+        return None
+    log_dir = embeddings_table.rstrip("/") + "/_delta_log/"
+    paths = [f"{log_dir}{v:020d}.json" for v in range(after + 1, upto + 1)]
+    try:
+        lines = spark.read.text(paths).collect()
+    except AnalysisException as exc:
+        log.info("embeddings log after version %d not readable (%s); comparing every row", after, exc)
+        return None
+    return [json.loads(row.value) for row in lines if row.value.strip()]
+
+
+def _commit_metrics(spark: SparkSession, table: str) -> tuple[int, dict]:
+    row = DeltaTable.forPath(spark, table).history(1).select("version", "operationMetrics").first()
+    return int(row["version"]), {k: int(v) for k, v in (row["operationMetrics"] or {}).items() if v.isdigit()}
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def changed_rows(rows: DataFrame, codes_table: str) -> DataFrame:
+    """Every row, with ``changed`` (a new clip, or another source_hash than its code row's); the
+    embedding is kept for changed rows only, so the result is small enough to persist."""
+    current = (rows.sparkSession.read.format("delta").load(codes_table)
+               .select("clip_id", F.col("source_hash").alias("coded_hash")))
+    # The code table's keys (tens of bytes per clip) are broadcast: no shuffle of the embeddings.
+    joined = rows.select(*ENCODE_INPUT_COLUMNS).join(F.broadcast(current), on="clip_id", how="left")
+    changed = F.col("coded_hash").isNull() | (F.col("coded_hash") != F.col("source_hash"))
+    return joined.select("clip_id", "label", "source_hash", changed.alias("changed"),
+                         F.when(changed, F.col("embedding")).alias("embedding"))
+
+
+def merge_codes(spark: SparkSession, codes_table: str, source: DataFrame, lineage: Lineage) -> tuple[int, int, int]:
+    """Apply ``source`` (code rows plus ``_delete``: true = remove that (clip_id, shard)) to the
+    code table in one MERGE commit. Returns (version, rows inserted or updated, rows deleted)."""
+    values = {c: f"s.{c}" for c in CODES_COLUMNS}
+    with session_conf(spark, {USER_METADATA_CONF: lineage.to_json()}):  # MERGE takes no writer options
+        (DeltaTable.forPath(spark, codes_table).alias("t")
+         .merge(source.alias("s"), "t.shard = s.shard AND t.clip_id = s.clip_id")
+         .whenMatchedDelete(condition="s._delete")
+         .whenMatchedUpdate(set=values)
+         .whenNotMatchedInsert(condition="NOT s._delete", values=values)
+         .execute())
+    version, metrics = _commit_metrics(spark, codes_table)
+    upserted = metrics.get("numTargetRowsInserted", 0) + metrics.get("numTargetRowsUpdated", 0)
+    return version, upserted, metrics.get("numTargetRowsDeleted", 0)
+
+
+def write_rejects(rows: DataFrame, codes_table: str, codes_version: int, bundle: ModelBundle,
+                  rejects_table: str) -> int:
+    """Append the rows that got no code (null, wrong-size, NaN/inf embeddings: the worker leaves
+    them out) to the rejects table; returns how many. Run only when the counts show some."""
+    dim = bundle.quantizer.input_dim
+    coded = (rows.sparkSession.read.format("delta").option("versionAsOf", codes_version).load(codes_table)
+             .select("clip_id", "source_hash"))
+    rejected = rows.join(coded, on=["clip_id", "source_hash"], how="left_anti").select(
         "path", "clip_id", F.lit("encode").alias("stage"), F.lit("bad_embedding").alias("reason"),
         F.concat(F.lit("clip "), F.col("clip_id"), F.lit(": embedding has "),
                  F.coalesce(F.size("embedding").cast("string"), F.lit("no")),
-                 F.lit(f" values or NaN/inf, model {bundle.model_name} v{bundle.model_version} expects "
-                       f"{bundle.quantizer.input_dim} finite values")).alias("message"),
-        "extractor_version", F.current_timestamp().alias("run_at"))
-    n_rejected = rejected.count()
-    if n_rejected:
-        append_delta(rejected, rejects_table, REJECTS_DDL)
-        log.warning("%d rows not encoded (bad embeddings), listed in %s", n_rejected, rejects_table)
-    n_encoded = spark.read.format("delta").option("versionAsOf", codes_version).load(codes_table).count()
-    return EncodeSummary(n_encoded, n_rejected, time.time() - started, embedding_version, codes_version)
+                 F.lit(f" values, or NaN/inf/null ones; model {bundle.model_name} v{bundle.model_version} expects "
+                       f"{dim} finite values. Re-extract the file")).alias("message"),
+        "extractor_version", F.current_timestamp().alias("run_at")).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_rejected = rejected.count()
+        if n_rejected:
+            append_delta(rejected, rejects_table, REJECTS_DDL)
+            log.warning("%d rows not encoded (bad embeddings), listed in %s", n_rejected, rejects_table)
+    finally:
+        rejected.unpersist()
+    return n_rejected
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+@dataclass
+class _Written:
+    version: int | None  # None: nothing to write
+    encoded: int = 0
+    deleted: int = 0
+    maybe_rejected: bool = False  # rows in scope were not encoded: look for bad embeddings
+    reason: str = ""
+
+
+def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str, codes_table: str,
+                 rejects_table: str, n_shards: int, splits: list[str], mode: str = "incremental",
+                 run_id: str = "", model_run_id: str = "", embeddings_version: int | None = None,
+                 batch_rows: int = 65536) -> EncodeSummary:
+    """Bring the code table up to date with the embeddings table (latest or ``embeddings_version``)
+    for ``bundle``; at most one commit. See the module docstring for the modes."""
+    started = time.time()
+    if not table_exists(spark, embeddings_table):
+        raise AudiohashError(f"embeddings table {embeddings_table} does not exist; run jobs/extract.py first")
+    version = table_version(spark, embeddings_table) if embeddings_version is None else embeddings_version
+    detail = DeltaTable.forPath(spark, embeddings_table).detail().first()
+    table_id = detail["id"]
+    # Appended files are read as plain Parquet (see read_rows): only where file rows = table rows.
+    plain = not detail["partitionColumns"] and (detail["properties"] or {}).get("delta.columnMapping.mode",
+                                                                                "none") == "none"
+    requested = Lineage(bundle.model_name, bundle.model_version, n_shards, tuple(splits), embeddings_table,
+                        version, table_id, run_id, model_run_id)
+    previous, current = None, None
+    if table_exists(spark, codes_table):
+        history = _history(spark, codes_table)
+        previous, current = history[0]["version"], lineage_at(history)
+    actions = None
+    if (mode == "incremental" and current is not None and requested.same_index(current)
+            and current.embeddings_table_id == table_id and plain):
+        actions = embeddings_log_actions(spark, embeddings_table, current.embeddings_version, version)
+    plan = plan_encode(requested, current, mode, actions)
+    log.info("encode plan: %s (%s)", plan.mode, plan.reason)
+
+    written = _Written(None, reason=plan.reason)
+    if plan.mode != "none":
+        # One writer per shard open at once: a task's rows need no sort by shard before the write.
+        with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows),
+                                  "spark.sql.maxConcurrentOutputFileWriters": str(n_shards)}):
+            written = WRITERS[plan.mode](spark, plan, bundle, codes_table, requested)
+    if written.version is None:
+        return EncodeSummary(plan.mode, written.reason, 0, 0, 0, time.time() - started, version, previous, previous)
+    rejected = 0
+    if written.maybe_rejected:
+        files = plan.added_files if plan.mode == "append" else None
+        rejected = write_rejects(read_rows(spark, embeddings_table, version, splits, files), codes_table,
+                                 written.version, bundle, rejects_table)
+    return EncodeSummary(plan.mode, written.reason, written.encoded, written.deleted, rejected,
+                         time.time() - started, version, written.version, previous)
+
+
+def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
+    rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
+    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards)
+    codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
+    if REPARTITION:
+        codes = codes.repartition(lineage.n_shards, "shard")
+    overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage.to_json())
+    version, metrics = _commit_metrics(spark, codes_table)
+    return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
+
+
+def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
+    rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits),
+                     plan.added_files)
+    ids = rows.select("clip_id")
+    n_rows, n_clips = ids.agg(F.count(F.lit(1)), F.countDistinct("clip_id")).first()
+    if n_rows == 0:
+        return _Written(None, reason=f"{plan.reason}, but none of their rows is in splits {list(lineage.splits)}")
+    if n_clips < n_rows:
+        twice = ids.groupBy("clip_id").count().filter("count > 1").first()["clip_id"]
+        raise AudiohashError(f"embeddings table {lineage.embeddings_table} version {lineage.embeddings_version}: "
+                             f"clip_id {twice!r} appears more than once in the appended files; clip_id must "
+                             f"be unique (delete the duplicate rows, or re-extract)")
+    coded = spark.read.format("delta").load(codes_table).select("clip_id")
+    known = coded.join(F.broadcast(ids), on="clip_id", how="left_semi").count()
+    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards)
+    codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
+    if known:  # some appended clips already have a code: replace those rows
+        version, n_codes, _ = merge_codes(spark, codes_table, codes.withColumn("_delete", F.lit(False)), lineage)
+    else:  # only new clips: a blind append, the cheapest commit
+        codes.write.format("delta").mode("append").option("userMetadata", lineage.to_json()).save(codes_table)
+        version, metrics = _commit_metrics(spark, codes_table)
+        n_codes = metrics.get("numOutputRows", 0)
+    return _Written(version, n_codes, 0, left_out.value > 0, plan.reason)
+
+
+def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
+    rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
+    # One scan of the embeddings; only the changed rows keep their embedding, so this stays small.
+    keyed = changed_rows(rows, codes_table).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        encoded, left_out = encode_frame(keyed.filter("changed").drop("changed"), bundle, lineage.n_shards)
+        upserts = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc)).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            # A clip keeps its code if its row is unchanged or was just encoded; every other code goes
+            # (its clip left the embeddings table, or its new embedding cannot be encoded).
+            kept = keyed.filter(~F.col("changed")).select("clip_id").unionByName(upserts.select("clip_id"))
+            current = spark.read.format("delta").load(codes_table).select("clip_id", "shard")
+            deletions = current.join(kept, on="clip_id", how="left_anti")
+            source = upserts.withColumn("_delete", F.lit(False)).unionByName(
+                deletions.withColumn("_delete", F.lit(True)), allowMissingColumns=True)
+            source = source.persist(StorageLevel.MEMORY_AND_DISK)
+            try:
+                if source.isEmpty():
+                    return _Written(None, reason=f"{plan.reason}, but no row's fingerprint changed")
+                version, n_codes, n_deleted = merge_codes(spark, codes_table, source, lineage)
+            finally:
+                source.unpersist()
+        finally:
+            upserts.unpersist()
+        return _Written(version, n_codes, n_deleted, left_out.value > 0, plan.reason)
+    finally:
+        keyed.unpersist()
+
+
+WRITERS = {"full": _full, "append": _append, "compare": _compare}
+
+
+# ---- rollback and maintenance ---------------------------------------------------------------------
+def rollback_codes(spark: SparkSession, codes_table: str, version: int) -> tuple[int, Lineage | None]:
+    """Restore the code table to ``version`` in one new commit (readers see the old or the restored
+    index), carrying that version's lineage; returns (new version, restored lineage)."""
+    if not table_exists(spark, codes_table):
+        raise AudiohashError(f"code table {codes_table} does not exist; nothing to roll back")
+    history = _history(spark, codes_table, limit=None)
+    versions = {r["version"] for r in history}
+    if version not in versions:
+        raise AudiohashError(f"code table {codes_table} has no version {version}; versions: "
+                             f"{min(versions)}..{max(versions)} (see DESCRIBE HISTORY)")
+    lineage = lineage_at(history, version)
+    try:
+        with session_conf(spark, {USER_METADATA_CONF: lineage.to_json()} if lineage else {}):
+            DeltaTable.forPath(spark, codes_table).restoreToVersion(version)
+    except Exception as exc:  # py4j/Analysis errors: files vacuumed away, version too old
+        raise AudiohashError(f"cannot restore {codes_table} to version {version}: {exc}; files older than "
+                             f"the VACUUM retention are gone") from None
+    return table_version(spark, codes_table), lineage
+
+
+def maintain_codes(spark: SparkSession, codes_table: str, optimize: bool, vacuum_hours: int) -> list[str]:
+    """OPTIMIZE (bin-packing the many small files incremental runs leave) and/or VACUUM; returns
+    what was done, one line each."""
+    done = []
+    table = DeltaTable.forPath(spark, codes_table)
+    if optimize:
+        metrics = table.optimize().executeCompaction().select("metrics").first()["metrics"]
+        done.append(f"OPTIMIZE: {metrics['numFilesRemoved']} files compacted into {metrics['numFilesAdded']}")
+    if vacuum_hours > 0:
+        try:
+            table.vacuum(float(vacuum_hours))
+        except Exception as exc:
+            raise AudiohashError(f"encode.vacuum_hours={vacuum_hours}: VACUUM of {codes_table} failed: {exc}") from None
+        done.append(f"VACUUM: removed files unreferenced for more than {vacuum_hours} h "
+                    f"(versions older than that can no longer be restored)")
+    return done

@@ -9,71 +9,127 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
-from audiohash.errors import AudiohashError
-from audiohash.ranking import merge_topk, partition_from_record, partition_record, scan_partition
+from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table,
+                               plan_query_batches, scan_partition)
 from audiohash.schemas import SCAN_OUTPUT_DDL
-from audiohash.spark.tables import set_worker_threads
+from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
+from audiohash.spark.tables import set_worker_threads, table_version
 
 log = logging.getLogger("audiohash.query")
 
 
-def check_code_table(spark: SparkSession, codes_table: str, bundle: ModelBundle) -> int:
-    """Refuse a code table written by another model; returns its row count.
-
-    min/max/count over Delta columns are answered from the log's file statistics, not a scan.
-    """
-    row = (spark.read.format("delta").load(codes_table)
-           .agg(F.min("model_name"), F.max("model_name"), F.min("model_version"), F.max("model_version"),
-                F.count(F.lit(1))).first())
-    names, versions, count = {row[0], row[1]}, {row[2], row[3]}, row[4]
-    if count == 0:
-        raise AudiohashError(f"code table {codes_table} is empty; run jobs/encode.py first")
-    if names != {bundle.model_name} or versions != {bundle.model_version}:
-        raise AudiohashError(
-            f"code table {codes_table} holds codes of model {sorted(names)} version {sorted(versions)}, "
-            f"but the query bundle is {bundle.model_name} version {bundle.model_version}; "
-            f"re-encode with jobs/encode.py model.version={bundle.model_version} or query with "
-            f"model.version={max(versions)}"
-        )
-    return int(count)
-
-
 def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, queries: np.ndarray, k: int,
-                 query_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of every query over the code table: D float32 (nq, k), clip ids object (nq, k)."""
-    n_db = check_code_table(spark, codes_table, bundle)
-    k = min(k, n_db)
-    codes = spark.read.format("delta").load(codes_table).select("clip_id", "code")
+                 query_batch: int, memory_budget_mb: int = 1024,
+                 stats: list[PartitionStat] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k of every query over the code table.
+
+    queries: float32 (nq, d) embeddings. k: ranks to keep (larger than the table = all).
+    Returns D float32 (nq, k'), clip ids object (nq, k'), and the Delta version scanned: every
+    batch reads that one version, so a reindex committed meanwhile never mixes into the answer.
+    ``stats``, if given, receives every scan task's rows and seconds (one record per partition
+    and query batch, from successful task attempts only).
+    """
+    version = table_version(spark, codes_table)
+    codes = (spark.read.format("delta").option("versionAsOf", version).load(codes_table)
+             .select("clip_id", "code", "model_name", "model_version"))
+    if k >= 100_000:  # "whole database": size the batches by the table (a metadata-only count)
+        k = min(k, codes.count())
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    batches = plan_query_batches(len(queries), query_batch, k, codes.rdd.getNumPartitions(),
+                                 bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)
     all_D, all_ids = [], []
-    n_batches = -(-len(queries) // query_batch)
-    for b, start in enumerate(range(0, len(queries), query_batch)):
+    for b, (start, stop) in enumerate(batches):
         started = time.time()
-        query_side = bundle.quantizer.query_side(queries[start: start + query_batch])
+        query_side = bundle.quantizer.query_side(queries[start:stop])
         shipped = sc.broadcast(query_side)
-        nq = len(query_side)
 
         def scan(batches, shipped=shipped):
             from audiohash.bundle import cached_bundle_from_bytes
 
+            task_started = time.perf_counter()
             set_worker_threads(task_cpus)
             quantizer = cached_bundle_from_bytes(payload.value).quantizer
-            yield partition_record(scan_partition(batches, quantizer, shipped.value, k))
+            part = scan_partition(batches, quantizer, shipped.value, k)
+            part.seconds = time.perf_counter() - task_started
+            yield partition_record(part)
 
-        records = codes.mapInArrow(scan, SCAN_OUTPUT_DDL).toArrow().to_pylist()
-        D, ids = merge_topk([partition_from_record(r, nq) for r in records], k)
+        parts = partitions_from_table(codes.mapInArrow(scan, SCAN_OUTPUT_DDL).toArrow(), stop - start)
+        check_models(parts, codes_table, bundle)
+        if stats is not None:
+            stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
+                                     [p.seconds for p in parts])
+        D, ids = merge_topk(parts, k)
         all_D.append(D)
         all_ids.append(ids)
         shipped.unpersist()
-        log.info("query batch %d/%d: %d queries x %d codes, top-%d in %.2f s", b + 1, n_batches, nq, n_db, k,
-                 time.time() - started)
+        log.info("query batch %d/%d: %d queries, top-%d of %s v%d in %.2f s", b + 1, len(batches), stop - start,
+                 D.shape[1], codes_table, version, time.time() - started)
     payload.unpersist()
-    return np.vstack(all_D), np.vstack(all_ids)
+    return np.vstack(all_D), np.vstack(all_ids), version
+
+
+@dataclass
+class QueryOutcome:
+    """What one query run produced: metrics for MLflow, curves (evaluation with R = all), counts."""
+
+    metrics: dict
+    curves: dict | None
+    codes_version: int
+    n_queries: int
+
+
+def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_table: str, codes_table: str,
+                       results_table: str, run_id: str, query_split: str, db_splits: list[str], top_r: int,
+                       query_batch: int, memory_budget_mb: int, results_r: int, evaluate: bool,
+                       float_reference: bool) -> QueryOutcome:
+    """Rank the code table for every clip of ``query_split``, append the top ``results_r`` per query
+    to the results table, and (``evaluate``) score the ranking against the labels of the database
+    and, with ``float_reference``, against exact float search over the database embeddings."""
+    from audiohash.evaluation import exact_float_topk, ranked_positions, retrieval_curves, retrieval_metrics
+    from audiohash.schemas import RESULTS_DDL
+    from audiohash.spark.tables import append_delta, read_embeddings
+
+    query_ids, query_labels, xq, _ = read_embeddings(spark, embeddings_table, [query_split])
+    started = time.time()
+    scan_stats: list[PartitionStat] = []
+    D, ranked_ids, codes_version = search_codes(spark, bundle, codes_table, xq, top_r or 2**62, query_batch,
+                                                memory_budget_mb, scan_stats)
+    seconds = time.time() - started
+    R = ranked_ids.shape[1]
+    metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R}
+    metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
+    keep = min(R, results_r)
+    results = pd.DataFrame({
+        "query_id": np.repeat(query_ids, keep), "rank": np.tile(np.arange(1, keep + 1, dtype=np.int32), len(xq)),
+        "clip_id": ranked_ids[:, :keep].ravel(), "distance": D[:, :keep].ravel(), "run_id": run_id,
+        "model_name": bundle.model_name, "model_version": np.int32(bundle.model_version)})
+    append_delta(spark.createDataFrame(results, RESULTS_DDL), results_table)
+    curves = None
+    if evaluate:
+        db = (spark.read.format("delta").option("versionAsOf", codes_version).load(codes_table)
+              .select("clip_id", "label").orderBy("clip_id").toPandas())
+        db_ids, db_labels = db["clip_id"].to_numpy(object), db["label"].to_numpy(object)
+        ranked = ranked_positions(ranked_ids, db_ids)
+        reference = None
+        if float_reference:
+            xb_ids, _, xb, _ = read_embeddings(spark, embeddings_table, db_splits)
+            if np.array_equal(xb_ids, db_ids):
+                reference = exact_float_topk(xq, xb, R)
+            else:
+                log.warning("embeddings and code table hold different clips: recall@R skipped")
+        metrics.update(retrieval_metrics(query_labels, db_labels, ranked, reference))
+        for r in (100, 1000):
+            if r < R:
+                metrics.update(retrieval_metrics(query_labels, db_labels, ranked[:, :r]))
+        if R == len(db_ids):
+            curves = retrieval_curves(query_labels, db_labels, ranked)
+    return QueryOutcome(metrics, curves, codes_version, len(xq))

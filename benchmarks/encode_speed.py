@@ -1,0 +1,218 @@
+"""Encode job vs one in-process encode loop, same model, same embeddings.
+
+    python benchmarks/encode_speed.py --n 1000000 --out FILE.json
+
+Embeddings: the real logmel embeddings of the GM benchmark dataset (real_data.py, full size),
+replicated with small noise to n rows and written once as a Delta embeddings table under
+benchmarks/.cache, reused by later runs: version 0 holds the n rows, version 1 appends n/100 new
+clips (what a nightly incremental run sees). For PQ and DQN at 64 bits, fitted on the real db
+split, it times in one run:
+  (a) ours_s: the encode stage on local[2] (spark/encode.py ``encode_codes``, full mode) from the
+      embeddings table (version 0) to the committed Delta code table: read, Arrow batches to the
+      executors, torch forward + faiss encode there, one Delta commit. Session start and bundle
+      loading are excluded; the Python workers are started by an untimed run on a tiny table;
+  (b) reference_s: the same quantizer's ``encode`` over the same rows as an in-memory float32
+      array, in chunks of ``encoding.ENCODE_CHUNK_ROWS`` rows (what each worker's encode call
+      gets too), torch and faiss on 2 threads;
+  then incremental_s: the incremental run on version 1 (1% new clips: encoded and MERGEd), and
+  noop_s: the rerun with nothing changed (writes nothing).
+Writes a JSON list, one object per method: {"n", "method", "ours_s", "reference_s", "ratio"
+(ours_s / reference_s), "clips_per_s" (n / ours_s), "incremental_s", "incremental_fraction"
+(incremental_s / ours_s), "noop_s", "codes_equal" (our codes == the reference's), ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from real_data import CACHE, machine, real_embeddings, replicate
+
+from audiohash.bundle import ModelBundle
+from audiohash.quantizers import make_quantizer
+
+log = logging.getLogger("benchmarks.encode_speed")
+CHUNK = 100_000  # rows generated per task; the reference array is built from the same chunks
+BITS = 64
+DQN_HYPER = {"steps": 300, "warmup_steps": 100}  # training length only; the network is the default one
+EMBEDDINGS_FORMAT = 2  # bump when the generated table changes
+
+
+def chunk_rows(x_base: np.ndarray, labels: np.ndarray, start: int, stop: int, seed: int) -> tuple[list, np.ndarray, list]:
+    """Rows start..stop of a replicated table: (clip ids, embeddings float32 (stop-start, d), labels)."""
+    x = replicate(x_base, stop - start, seed=seed + start)
+    ids = [f"bench-{i:010d}" for i in range(start, stop)]
+    return ids, x, labels[np.arange(start, stop) % len(labels)].tolist()
+
+
+def arrow_rows(ids: list, x: np.ndarray, labels: list) -> pa.RecordBatch:
+    """Rows of ``schemas.EMBEDDINGS_DDL``, as the extract job writes them."""
+    m, dim = x.shape
+    offsets = pa.array(np.arange(0, x.size + 1, dim, dtype=np.int32))
+    return pa.RecordBatch.from_pydict({
+        "clip_id": pa.array(ids), "path": pa.array([f"/bench/{i}.wav" for i in ids]), "label": pa.array(labels),
+        "split": pa.array(["db"] * m), "source": pa.array(["bench"] * m), "offset_s": pa.array(np.zeros(m)),
+        "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.ravel(), pa.float32())),
+        "extractor": pa.array(["logmel"] * m), "extractor_version": pa.array(["bench"] * m),
+        "sample_rate": pa.array(np.full(m, 16000, np.int32)),
+        "extracted_at": pa.array(np.full(m, np.datetime64("2026-01-01T00:00:00", "us")), pa.timestamp("us", tz="UTC")),
+    })
+
+
+def build_embeddings(spark, x_base: np.ndarray, labels: np.ndarray, n: int, path: str) -> None:
+    """Version 0: rows 0..n-1; version 1: rows n..n+n/100-1 appended (other noise). Generated in the
+    executors, one file per chunk of 100,000 rows (~50 MB, like the extract job's task outputs);
+    reused when present."""
+    from audiohash.schemas import EMBEDDINGS_DDL
+    from audiohash.spark.tables import table_exists
+
+    marker = Path(path) / "_benchmark.json"
+    key = {"n": n, "format": EMBEDDINGS_FORMAT, "base_rows": len(x_base)}
+    if table_exists(spark, path) and marker.exists() and json.loads(marker.read_text()) == key:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    from pyspark import cloudpickle
+
+    import real_data
+
+    for module in {real_data, sys.modules[__name__]} - {sys.modules["__main__"]}:
+        cloudpickle.register_pickle_by_value(module)  # the executors cannot import benchmarks/
+    log.info("writing a Delta embeddings table of %d + %d rows at %s", n, n // 100, path)
+
+    def generate(first: int, stop: int, seed: int):
+        def chunks(batches):
+            for batch in batches:
+                for chunk in batch.column("id").to_pylist():
+                    start = first + chunk * CHUNK
+                    yield arrow_rows(*chunk_rows(x_base, labels, start, min(start + CHUNK, stop), seed))
+        return chunks
+
+    for first, stop, seed in ((0, n, 0), (n, n + n // 100, 1)):
+        n_chunks = -(-(stop - first) // CHUNK)
+        (spark.range(n_chunks, numPartitions=n_chunks).mapInArrow(generate(first, stop, seed), EMBEDDINGS_DDL)
+         .write.format("delta").mode("append").save(path))
+    marker.write_text(json.dumps(key))
+
+
+def reference_matrix(x_base: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The version-0 rows as one in-memory float32 (n, d) array, in clip_id order."""
+    return np.concatenate([chunk_rows(x_base, labels, s, min(s + CHUNK, n), 0)[1] for s in range(0, n, CHUNK)])
+
+
+def reference_encode(quantizer, x: np.ndarray) -> np.ndarray:
+    import faiss
+    import torch
+
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    from audiohash.encoding import ENCODE_CHUNK_ROWS
+
+    return np.concatenate([quantizer.encode(x[i: i + ENCODE_CHUNK_ROWS]) for i in range(0, len(x), ENCODE_CHUNK_ROWS)])
+
+
+def fit(method: str, data) -> ModelBundle:
+    from audiohash.training import sample_labeled, seed_everything
+
+    _, labels, x_db = data.split("db")
+    seed_everything(0)
+    hyper = DQN_HYPER if method.startswith("dqn") else {}
+    quantizer = make_quantizer(method, BITS, seed=0, **hyper)
+    label_ids, _ = sample_labeled(labels, 0.1, 0)
+    quantizer.fit(x_db, label_ids if quantizer.supervised else None)
+    return ModelBundle(quantizer, f"bench-{method}-{BITS}b", 1, {})
+
+
+def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: str, x_ref: np.ndarray,
+               repeats: int) -> dict:
+    from audiohash.arrow_arrays import code_matrix
+    from audiohash.spark.encode import encode_codes
+
+    bundle = fit(method, data)
+    work = Path(tempfile.mkdtemp(prefix=f"encode-{method}-", dir=CACHE))
+    try:
+        encode_codes(spark, bundle, warmup_table, str(work / "warmup-codes"), str(work / "rejects"), 8, ["db"],
+                     "full")  # starts the Python workers, loads the bundle there
+        ours_times, summary = [], None
+        for _ in range(repeats):
+            shutil.rmtree(work / "codes", ignore_errors=True)
+            started = time.perf_counter()
+            summary = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
+                                   "full", embeddings_version=0)
+            ours_times.append(time.perf_counter() - started)
+        assert summary.encoded == n, summary.line()
+        ref_times, ref_codes = [], None
+        for _ in range(repeats):
+            started = time.perf_counter()
+            ref_codes = reference_encode(bundle.quantizer, x_ref)
+            ref_times.append(time.perf_counter() - started)
+        table = (spark.read.format("delta").load(str(work / "codes")).select("clip_id", "code")
+                 .orderBy("clip_id").toArrow())
+        codes_equal = float((code_matrix(table.column("code"), bundle.quantizer.code_size) == ref_codes).all(axis=1).mean())
+        n_files = len(spark.read.format("delta").load(str(work / "codes")).inputFiles())
+
+        started = time.perf_counter()
+        incremental = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
+                                   "incremental", embeddings_version=1)
+        incremental_s = time.perf_counter() - started
+        started = time.perf_counter()
+        noop = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
+                            "incremental", embeddings_version=1)
+        noop_s = time.perf_counter() - started
+        assert incremental.mode == "append" and incremental.encoded == n // 100, incremental.line()
+        assert not noop.wrote, noop.line()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours_s, reference_s = statistics.median(ours_times), statistics.median(ref_times)
+    return {"n": n, "method": method, "bits": BITS, "ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
+            "ratio": round(ours_s / reference_s, 3), "clips_per_s": round(n / ours_s),
+            "reference_clips_per_s": round(n / reference_s), "codes_equal": codes_equal, "code_files": n_files,
+            "incremental_s": round(incremental_s, 3), "incremental_new_clips": incremental.encoded,
+            "incremental_fraction": round(incremental_s / ours_s, 3), "noop_s": round(noop_s, 3),
+            "ours_times_s": [round(t, 3) for t in ours_times], "reference_times_s": [round(t, 3) for t in ref_times]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--methods", default="pq,dqn")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/encode_speed.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+    from audiohash.config import SparkSettings
+    from audiohash.spark.session import get_spark
+
+    data = real_embeddings("full")
+    _, db_labels, x_db = data.split("db")
+    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    embeddings = str(CACHE / f"encode-embeddings-n{args.n}")
+    build_embeddings(spark, x_db, db_labels, args.n, embeddings)
+    warmup = str(CACHE / "encode-embeddings-n20000")
+    build_embeddings(spark, x_db, db_labels, 20_000, warmup)
+    x_ref = reference_matrix(x_db, db_labels, args.n)
+    load = os.getloadavg()[0]
+    results = [run_method(spark, m, data, args.n, embeddings, warmup, x_ref, args.repeats)
+               for m in args.methods.split(",")]
+    for r in results:
+        r.update(load_avg_start=round(load, 2), load_avg_end=round(os.getloadavg()[0], 2), machine=machine())
+    spark.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps([{k: v for k, v in r.items() if k != "machine"} for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Report: the full comparison through the real jobs. Extract once, then for every method and
+bit width train, encode and query (whole-database ranking) on Spark; everything in one MLflow
+parent run with a child run per method; writes reports/<setting>/ (Markdown table in the paper's
+layout, JSON, PNG plots) and logs the same as the parent run's artifacts.
+
+    spark-submit jobs/report.py --conf-file conf/local.yaml --setting default
+    spark-submit jobs/report.py --conf-file conf/local.yaml --setting hard --bits 32
+"""
+from audiohash.cli import job_parser, run_job
+
+
+def run_stage(name, cfg, **args):
+    """Run one job's main() in this process (same SparkSession); return its MLflow run."""
+    import importlib.util
+    from pathlib import Path
+
+    import mlflow
+
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"audiohash_job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(cfg, type("Args", (), args)())
+    return mlflow.last_active_run()
+
+
+def main(cfg, args):
+    import copy
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+
+    from audiohash import report
+    from audiohash.spark.session import get_spark
+    from audiohash.tracking import job_run
+
+    get_spark(cfg.spark)
+    if args.setting == "hard":
+        manifest = pd.read_csv(cfg.extract_input)
+        base = Path(cfg.extract_input).resolve().parent
+        manifest["path"] = [str(base / p) for p in manifest["path"]]
+        cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
+        cfg.lake.root = cfg.lake.table("report-hard")
+        Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
+        derived = Path(cfg.lake.root) / "manifest.csv"
+        report.hard_manifest(manifest, *args.banks.split(",")).to_csv(derived, index=False)
+        cfg.extract.input, cfg.train.splits = str(derived), ["train"]
+    run_stage("extract", cfg)
+    methods = args.methods.split(",") if args.methods else list(report.METHODS)
+    bits = [int(b) for b in args.bits.split(",")] if args.bits else list(report.BITS)
+    curve_bits = 32 if 32 in bits else bits[-1]
+    rows, curves, sweep = [], {}, []
+
+    def one_model(method, n_bits, fraction):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.train.method, run_cfg.train.bits, run_cfg.train.label_fraction = method, n_bits, fraction
+        run_cfg.model.name, run_cfg.model.version, run_cfg.query.top_r = "", "latest", 0
+        train = run_stage("train", run_cfg, method=None, bits=None, label_fraction=None)
+        run_stage("encode", run_cfg)
+        query = run_stage("query", run_cfg)
+        metrics = query.data.metrics
+        row = {"method": method, "bits": n_bits, "label_fraction": fraction, "supervised": method in report.SUPERVISED,
+               "map_all": metrics["map_all"], "map_at_100": metrics.get("map_at_100"),
+               "precision_at_100": metrics.get("precision_at_100"), "train_s": train.data.metrics["train_s"],
+               "query_run_id": query.info.run_id}
+        return row, mlflow.artifacts.load_dict(f"{query.info.artifact_uri}/curves.json")
+
+    with job_run(cfg, "report", run_name=f"report-{args.setting}") as parent:
+        for method in methods:
+            with mlflow.start_run(run_name=method, nested=True):
+                for n_bits in bits:
+                    row, curve = one_model(method, n_bits, cfg.train.label_fraction)
+                    rows.append(row)
+                    if n_bits == curve_bits:
+                        curves[method] = curve
+                    print(f"report: {method} {n_bits} bits: mAP@all {row['map_all']:.4f}")
+                if args.label_sweep and method in report.SUPERVISED:
+                    for fraction in report.LABEL_FRACTIONS:
+                        sweep.append(one_model(method, curve_bits, fraction)[0])
+        folder = report.write_report(Path(args.out) / args.setting, args.setting, rows, curves, sweep, curve_bits)
+        mlflow.log_artifacts(str(folder), "report")
+    print((folder / "results.md").read_text())
+    print(f"report: wrote {folder} (MLflow parent run {parent.info.run_id})")
+
+
+if __name__ == "__main__":
+    parser = job_parser(__doc__)
+    parser.add_argument("--setting", choices=("default", "hard"), default="default")
+    parser.add_argument("--methods", default="", help="comma-separated (default: sh,itq,agh,pq,opq,dqn,dqn_cls)")
+    parser.add_argument("--bits", default="", help="comma-separated (default: 8,16,24,32,64)")
+    parser.add_argument("--label-sweep", action="store_true", help="also sweep the labeled fraction at 32 bits")
+    parser.add_argument("--banks", default="fluidr3,timgm6mb", help="hard setting: TRAIN_BANK,HELD_OUT_BANK")
+    parser.add_argument("--out", default="reports")
+    run_job(main, parser)

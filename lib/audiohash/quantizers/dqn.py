@@ -1,0 +1,202 @@
+"""Deep quantization network (DQN, Cao et al., AAAI 2016) and its classification-aware successor.
+
+An MLP maps the standardized embedding to z in (-1, 1)^D' (tanh output). Training alternates:
+- the network, by Adam on the labeled rows, minimizing the pairwise cosine loss
+  mean_{i != j} (s_ij - cos(z_i, z_j))^2 plus lambda * mean_i ||z_i - C h_i||^2, the product
+  quantization loss against the current codewords (lambda = 0 until the first codebook exists);
+- the codebooks C, by seeded faiss k-means per subspace (M subspaces x 256 codewords) on the
+  current outputs, and the codes h_i by nearest codeword per subspace.
+The database is coded like PQ on z, and a query is ranked by its continuous z against those codes
+(asymmetric distance, the IndexPQ scan of ``AdcQuantizer``).
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audiohash.errors import AudiohashError
+from audiohash.quantizers.base import CENTROIDS_PER_SUBSPACE, AdcQuantizer
+
+_FORWARD_CHUNK = 8192  # rows per forward pass at inference, bounds the hidden activations' memory
+
+
+def pairwise_cosine_loss(z: torch.Tensor, labels: torch.Tensor, dissimilar: float) -> torch.Tensor:
+    """Mean over ordered pairs i != j of (s_ij - cos(z_i, z_j))^2, z (b, D'), labels (b,).
+
+    s_ij = 1 for equal labels and ``dissimilar`` otherwise.
+    """
+    unit = F.normalize(z, dim=1)
+    cos = unit @ unit.T
+    target = torch.where(labels[:, None] == labels[None, :], 1.0, float(dissimilar))
+    off_diagonal = ~torch.eye(len(z), dtype=torch.bool)
+    return ((target - cos)[off_diagonal] ** 2).mean()
+
+
+def quantization_loss(z: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """mean_i ||z_i - C h_i||^2 for z and its codeword reconstruction C h, both (b, D')."""
+    return ((z - reconstruction) ** 2).sum(dim=1).mean()
+
+
+def codebook_trainer(code_dim: int, n_subspaces: int, seed: int) -> faiss.ProductQuantizer:
+    """An untrained faiss ProductQuantizer (256 codewords per subspace) whose k-means is seeded."""
+    pq = faiss.ProductQuantizer(code_dim, n_subspaces, 8)
+    pq.cp.seed = seed
+    pq.cp.min_points_per_centroid = 1  # only silences faiss's small-sample warning
+    return pq
+
+
+def make_network(input_dim: int, hidden: int, code_dim: int, dropout: float) -> nn.Sequential:
+    """input_dim -> hidden (ReLU, dropout) -> code_dim (tanh)."""
+    return nn.Sequential(
+        nn.Linear(input_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, code_dim), nn.Tanh()
+    )
+
+
+class DQN(AdcQuantizer):
+    """Supervised deep quantization: labels (n,) int64, -1 for unlabeled rows, at least two classes.
+
+    Only labeled rows train the network; codebooks are fitted on the outputs of all rows, since
+    those are the rows the database codes (see ``fit``).
+
+    ``dissimilar`` is s_ij for pairs of different classes. The default 0 asks for orthogonal
+    codes: with dozens of classes, mutually opposite codes (-1) cannot exist (the best equal
+    cosine among K directions is -1/(K-1)). Measured with 20 classes, 10% labels, 32 bits:
+    mAP@1000 0.68 with 0 against 0.64 with -1.
+    """
+
+    method = "dqn"
+    supervised = True
+    # Hyper-parameters stored in the bundle's params (a reloaded model records how it was trained).
+    _HYPER = ("code_dim", "hidden", "steps", "warmup_steps", "refit_every", "batch_size", "lr", "dropout",
+              "quant_weight", "dissimilar")
+
+    def __init__(self, n_bits: int, seed: int = 0, code_dim: int | None = None, hidden: int = 512,
+                 steps: int = 1500, warmup_steps: int = 300, refit_every: int = 100, batch_size: int = 256,
+                 lr: float = 1e-3, dropout: float = 0.5, quant_weight: float = 0.1, dissimilar: float = 0.0):
+        super().__init__(n_bits, seed)
+        M = self.n_subspaces
+        # D' = 128 rounded up to a multiple of M by default: measured 0.70 mAP vs 0.68 with 64.
+        self.code_dim = int(code_dim) if code_dim is not None else -(-128 // M) * M
+        if batch_size < 2:
+            raise AudiohashError(f"{self.method}: batch_size must be at least 2 (pairs), got {batch_size}")
+        if self.code_dim % M:
+            raise AudiohashError(f"{self.method}: code_dim {self.code_dim} is not a multiple of M={M}")
+        self.hidden, self.steps, self.batch_size = int(hidden), int(steps), int(batch_size)
+        self.warmup_steps, self.refit_every = int(warmup_steps), max(int(refit_every), 1)
+        self.lr, self.dropout = float(lr), float(dropout)
+        self.quant_weight, self.dissimilar = float(quant_weight), float(dissimilar)
+
+    # ---- hooks for the successor ------------------------------------------------------------------
+    def _make_head(self, n_classes: int) -> nn.Module | None:
+        """Extra trainable module used only by the training loss (none for DQN)."""
+        return None
+
+    def _head_loss(self, head: nn.Module, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- training ---------------------------------------------------------------------------------
+    def fit(self, x: np.ndarray, labels: np.ndarray | None = None) -> "DQN":
+        xs = self._fit_standardizer(x)
+        if labels is None:
+            raise AudiohashError(f"{self.method}: supervised method, labels are required")
+        labels = np.asarray(labels).ravel()
+        if len(labels) != len(xs):
+            raise AudiohashError(f"{self.method}: {len(labels)} labels for {len(xs)} rows")
+        labeled = labels >= 0
+        names, classes = np.unique(labels[labeled], return_inverse=True)
+        if len(names) < 2:
+            raise AudiohashError(f"{self.method}: need labeled rows of two classes or more, got {len(names)}")
+        # The one place the seed reaches torch; fork_rng keeps the caller's global RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._train(xs, labeled, torch.from_numpy(classes), len(names))
+        return self
+
+    def _train(self, xs: np.ndarray, labeled: np.ndarray, classes: torch.Tensor, n_classes: int) -> None:
+        self.network = make_network(xs.shape[1], self.hidden, self.code_dim, self.dropout)
+        head = self._make_head(n_classes)
+        params = list(self.network.parameters()) + (list(head.parameters()) if head is not None else [])
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        pq = codebook_trainer(self.code_dim, self.n_subspaces, self.seed)
+        x_lab = torch.from_numpy(xs[labeled])
+        batches: list[torch.Tensor] = []
+        reconstruction = None
+        for step in range(self.steps):
+            if step >= self.warmup_steps and (step - self.warmup_steps) % self.refit_every == 0:
+                reconstruction = torch.from_numpy(self._refit_codebooks(pq, xs, labeled))
+            if not batches:  # a new epoch over the labeled rows
+                batches = [b for b in torch.randperm(len(x_lab)).split(self.batch_size) if len(b) > 1]
+            batch = batches.pop()
+            self.network.train()
+            z = self.network(x_lab[batch])
+            loss = pairwise_cosine_loss(z, classes[batch], self.dissimilar)
+            if reconstruction is not None:
+                loss = loss + self.quant_weight * quantization_loss(z, reconstruction[batch])
+            if head is not None:
+                loss = loss + self._head_loss(head, z, classes[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self._refit_codebooks(pq, xs, labeled)  # final codebooks match the final network
+
+    def _refit_codebooks(self, pq: faiss.ProductQuantizer, xs: np.ndarray, labeled: np.ndarray) -> np.ndarray:
+        """k-means of the outputs of all rows into ``pq``; returns C h of the labeled rows (n_lab, D')."""
+        z = self._forward(xs)
+        pq.train(z)
+        # Later refits start from the current codewords, as an alternating minimization does.
+        pq.train_type = faiss.ProductQuantizer.Train_hot_start
+        self.centroids = faiss.vector_to_array(pq.centroids).reshape(
+            self.n_subspaces, CENTROIDS_PER_SUBSPACE, self.code_dim // self.n_subspaces
+        )
+        z_lab = np.ascontiguousarray(z[labeled])
+        return pq.decode(pq.compute_codes(z_lab))
+
+    # ---- inference --------------------------------------------------------------------------------
+    def _forward(self, xs: np.ndarray) -> np.ndarray:
+        self.network.eval()
+        with torch.no_grad():
+            parts = [self.network(torch.from_numpy(xs[i:i + _FORWARD_CHUNK])).numpy()
+                     for i in range(0, len(xs), _FORWARD_CHUNK)]
+        z = np.concatenate(parts) if parts else np.zeros((0, self.code_dim))
+        return np.ascontiguousarray(z, dtype=np.float32)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(self._standardize(x))
+
+    # ---- bundle -------------------------------------------------------------------------------------
+    def _state(self):
+        params = {name: getattr(self, name) for name in self._HYPER}
+        # The head (successor) is a training device only: it is not saved.
+        torch_state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        return params, {"centroids": self.centroids}, torch_state
+
+    def _load_state(self, params, arrays, torch_state):
+        for name in self._HYPER:
+            setattr(self, name, params[name])
+        self.centroids = np.asarray(arrays["centroids"], np.float32)
+        self.network = make_network(self.input_dim, self.hidden, self.code_dim, self.dropout)
+        self.network.load_state_dict(torch_state)
+
+
+class DQNCls(DQN):
+    """DQN plus a linear classifier head on z trained with cross-entropy (weight ``cls_weight``).
+
+    The head pulls each class into its own linearly separable region of the code space, which
+    the pairwise loss alone only enforces between pairs seen in a batch. Same codes, same query path.
+    """
+
+    method = "dqn_cls"
+    _HYPER = DQN._HYPER + ("cls_weight",)
+
+    def __init__(self, n_bits: int, seed: int = 0, cls_weight: float = 1.0, **hyper):
+        super().__init__(n_bits, seed, **hyper)
+        self.cls_weight = float(cls_weight)
+
+    def _make_head(self, n_classes: int) -> nn.Module:
+        return nn.Linear(self.code_dim, n_classes)
+
+    def _head_loss(self, head: nn.Module, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self.cls_weight * F.cross_entropy(head(z), classes)

@@ -1,0 +1,250 @@
+"""jobs/encode.py end to end on real Delta tables and a real MLflow store: full encode, no-change
+rerun, appended / changed / deleted clips, model switch with time-travel rollback, table
+maintenance, and a run killed mid-write. Codes are checked against the registered quantizer's
+own in-process encode of the same embeddings."""
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, make_config, run_job_main
+
+from audiohash.errors import AudiohashError
+from audiohash.schemas import EMBEDDINGS_DDL
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+DIM = 24
+N_DB, N_QUERY = 2400, 100
+N_SHARDS = 4
+
+
+def embedding_frame(ids, x, labels, splits) -> pd.DataFrame:
+    """Rows of the embeddings table (schemas.EMBEDDINGS_DDL) for arrays built in the test."""
+    return pd.DataFrame({
+        "clip_id": ids, "path": [f"/audio/{i}.wav" for i in ids], "label": labels, "split": splits,
+        "source": "synthetic", "offset_s": 0.0, "embedding": [None if v is None else [float(f) for f in v] for v in x],
+        "extractor": "test", "extractor_version": "test-v1", "sample_rate": 16000,
+        "extracted_at": pd.Timestamp("2026-01-01"),
+    })
+
+
+def synthetic(n: int, seed: int, prefix: str, split: str = "db") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, 6, n)
+    centers = np.random.default_rng(0).normal(size=(6, DIM)) * 3
+    x = (centers[classes] + rng.normal(size=(n, DIM))).astype(np.float32)
+    return embedding_frame([f"{prefix}-{i:05d}" for i in range(n)], list(x), [f"class{c}" for c in classes], [split] * n)
+
+
+def write_embeddings(spark, path, frame: pd.DataFrame, mode="append", files=1):
+    df = spark.createDataFrame(frame, EMBEDDINGS_DDL)
+    df.repartition(files).write.format("delta").mode(mode).save(str(path))
+
+
+@pytest.fixture(scope="module")
+def base_lake(spark, tmp_path_factory):
+    """A lake with an embeddings table (4 files), PQ versions 1 and 2 registered in its MLflow
+    store, and the code table of a first encode with version 1 (what that run printed)."""
+    from audiohash.bundle import ModelBundle
+    from audiohash.quantizers import make_quantizer
+    from audiohash.tracking import job_run, log_and_register_bundle
+
+    lake = tmp_path_factory.mktemp("encode-lake")
+    frame = pd.concat([synthetic(N_DB, 1, "db"), synthetic(N_QUERY, 2, "q", "query")], ignore_index=True)
+    write_embeddings(spark, lake / "embeddings", frame, mode="overwrite", files=4)
+    cfg = config(lake, "model.version=1")
+    x = np.stack(frame["embedding"][frame["split"] == "db"].to_numpy()).astype(np.float32)
+    for seed in (0, 1):
+        with job_run(cfg, "train"):
+            log_and_register_bundle(ModelBundle(make_quantizer("pq", 32, seed=seed).fit(x), cfg.model_name, 0, {}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_job_main("encode", cfg)
+    return lake, out.getvalue()
+
+
+@pytest.fixture
+def lake(base_lake, tmp_path):
+    """A copy of the base lake for one test (Delta logs hold relative paths, so copies work)."""
+    shutil.copytree(base_lake[0], tmp_path / "lake")
+    return tmp_path / "lake"
+
+
+def config(lake, *overrides):
+    return make_config(lake, "train.bits=32", f"encode.n_shards={N_SHARDS}", *overrides)
+
+
+def encode(cfg, capsys) -> str:
+    run_job_main("encode", cfg)
+    return capsys.readouterr().out
+
+
+def codes_of(spark, cfg, version=None) -> pd.DataFrame:
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(cfg.lake.table("codes")).toPandas().set_index("clip_id").sort_index()
+
+
+def expected_codes(spark, cfg, model_version: int) -> dict[str, bytes]:
+    """The reference: the registered quantizer's in-process encode of the encodable db rows."""
+    from audiohash.tracking import load_registered_bundle
+
+    quantizer = load_registered_bundle(cfg, str(model_version)).quantizer
+    emb = spark.read.format("delta").load(cfg.lake.table("embeddings")).toPandas()
+    encodable = emb["embedding"].map(lambda v: v is not None and len(v) == DIM and np.isfinite(v).all())
+    emb = emb[(emb["split"] == "db") & encodable]
+    codes = quantizer.encode(np.stack(emb["embedding"].to_numpy()).astype(np.float32))
+    return {clip: bytes(code) for clip, code in zip(emb["clip_id"], codes)}
+
+
+def assert_codes_match(codes: pd.DataFrame, expected: dict[str, bytes], model_version: int):
+    assert codes.index.is_unique, "more than one code for a clip"
+    assert sorted(codes.index) == sorted(expected)
+    assert {clip: bytes(c) for clip, c in codes["code"].items()} == expected
+    assert set(codes["model_version"]) == {model_version} and set(codes["model_name"]) == {"audiohash-pq-32b"}
+    assert (codes["shard"] == [zlib.crc32(c.encode()) % N_SHARDS for c in codes.index]).all()
+
+
+def version_of(spark, path) -> int:
+    from audiohash.spark.tables import table_version
+
+    return table_version(spark, str(path))
+
+
+def test_first_encode_is_full_with_lineage_and_a_rerun_writes_nothing(spark, base_lake, lake, capsys):
+    cfg = config(lake, "model.version=1")
+    assert "encode (full: no code table written by encode yet): 2400 clips encoded" in base_lake[1]
+    codes = codes_of(spark, cfg)
+    assert_codes_match(codes, expected_codes(spark, cfg, 1), 1)
+    # Lineage: each row names the encode run; that run names the model's run and the versions.
+    (run_id,) = set(codes["encode_run_id"])
+    params = mlflow.get_run(run_id).data.params
+    assert (params["embeddings_version"], params["codes_version"], params["mode"]) == ("0", "0", "full")
+    assert params["model_run_id"] == mlflow.MlflowClient().get_model_version("audiohash-pq-32b", "1").run_id
+    assert set(codes["embedding_version"]) == {0}
+
+    out = encode(cfg, capsys)
+    assert "nothing changed (embeddings table unchanged since version 0)" in out and "stays at version 0" in out
+    assert version_of(spark, cfg.lake.table("codes")) == 0
+
+
+def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(spark, lake, capsys):
+    cfg = config(lake, "model.version=1")
+    first_run = set(codes_of(spark, cfg)["encode_run_id"])
+    files_before = len(spark.read.format("delta").load(cfg.lake.table("codes")).inputFiles())
+    new = pd.concat([synthetic(40, 7, "new"), synthetic(5, 8, "newq", "query")], ignore_index=True)
+    bad = embedding_frame(["bad-nan", "bad-size", "bad-null"],
+                          [np.full(DIM, np.nan), np.zeros(DIM - 1), None], ["class0"] * 3, ["db"] * 3)
+    write_embeddings(spark, lake / "embeddings", pd.concat([new, bad], ignore_index=True))
+
+    out = encode(config(lake, "model.version=1", "encode.optimize=true", "encode.vacuum_hours=168"), capsys)
+    assert "encode (append: 1 file(s) appended" in out and "40 clips encoded" in out and "3 rejected" in out
+    codes = codes_of(spark, cfg)
+    assert_codes_match(codes, expected_codes(spark, cfg, 1), 1)
+    new_rows = codes.index.str.startswith("new-")
+    assert new_rows.sum() == 40 and len(set(codes.loc[new_rows, "encode_run_id"]) & first_run) == 0
+    assert set(codes.loc[~new_rows, "encode_run_id"]) == first_run  # untouched rows keep their lineage
+    rejects = spark.read.format("delta").load(cfg.lake.table("rejects")).toPandas()
+    assert sorted(rejects["clip_id"]) == ["bad-nan", "bad-null", "bad-size"]
+    assert "expects 24 finite values" in rejects["message"][0]
+    # OPTIMIZE left one file per shard; VACUUM ran; neither hides the lineage from the next run.
+    assert "OPTIMIZE" in out and "VACUUM" in out
+    assert len(spark.read.format("delta").load(cfg.lake.table("codes")).inputFiles()) == N_SHARDS < files_before
+    assert "nothing changed" in encode(cfg, capsys)
+
+
+def test_changed_and_deleted_clips_propagate(spark, lake, capsys):
+    from delta.tables import DeltaTable
+
+    cfg = config(lake, "model.version=1")
+    before = codes_of(spark, cfg)
+    table = DeltaTable.forPath(spark, cfg.lake.table("embeddings"))
+    table.update("clip_id IN ('db-00003', 'db-00004')", {"embedding": "transform(embedding, v -> v * 2 + 1)"})
+    table.update("clip_id = 'db-00005'", {"label": "'relabelled'"})
+    table.update("clip_id = 'db-00006'", {"embedding": f"array_repeat(CAST('NaN' AS FLOAT), {DIM})"})
+    table.delete("clip_id IN ('db-00010', 'db-00011', 'db-00012')")
+
+    out = encode(cfg, capsys)
+    assert "encode (compare: " in out and "3 clips encoded" in out and "4 deleted, 1 rejected" in out
+    codes = codes_of(spark, cfg)
+    assert_codes_match(codes, expected_codes(spark, cfg, 1), 1)
+    assert codes.loc["db-00005", "label"] == "relabelled"
+    changed = codes.index[codes["encode_run_id"] != before["encode_run_id"].iloc[0]]
+    assert sorted(changed) == ["db-00003", "db-00004", "db-00005"]
+    assert "nothing changed" in encode(cfg, capsys)
+
+
+def test_model_switch_reindexes_in_one_commit_and_rolls_back(spark, lake, capsys):
+    cfg1, cfg2 = config(lake, "model.version=1"), config(lake, "model.version=2")
+    out = encode(cfg2, capsys)
+    assert "full reindex: model_version 1 -> 2" in out and "roll back with encode.rollback_to=0" in out
+    assert version_of(spark, cfg2.lake.table("codes")) == 1  # one commit for the whole new index
+    assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 2), 2)
+    assert_codes_match(codes_of(spark, cfg2, version=0), expected_codes(spark, cfg1, 1), 1)  # time travel
+
+    out = encode(config(lake, "encode.rollback_to=0"), capsys)
+    assert "restored to version 0 (audiohash-pq-32b v1) as version 2" in out
+    assert_codes_match(codes_of(spark, cfg1), expected_codes(spark, cfg1, 1), 1)
+    # The restore carries version 0's lineage: model 1 is up to date again.
+    assert "nothing changed" in encode(cfg1, capsys)
+    with pytest.raises(AudiohashError, match="has no version 99; versions: 0..2"):
+        encode(config(lake, "encode.rollback_to=99"), capsys)
+
+
+SLOW_HOOK = '''
+import os, time
+import audiohash.encoding as encoding
+_encode_batch = encoding.encode_batch
+def _slow(*args, **kwargs):
+    time.sleep(float(os.environ["AUDIOHASH_TEST_SLOW_BATCH_S"]))
+    return _encode_batch(*args, **kwargs)
+encoding.encode_batch = _slow
+'''
+
+
+def test_a_run_killed_mid_write_leaves_no_partial_commit(spark, lake, capsys, tmp_path):
+    cfg1 = config(lake, "model.version=1")
+    codes_dir = Path(cfg1.lake.table("codes"))
+    files_before = set(codes_dir.rglob("*.parquet"))
+
+    # The driver and every Python worker import this sitecustomize: each encode batch sleeps, so
+    # the job is still running when its first tasks have written their files.
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_HOOK)
+    env = {**os.environ, "AUDIOHASH_TEST_SLOW_BATCH_S": "0.4",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, str(REPO / "jobs" / "encode.py"), "--conf-file", str(REPO / "conf" / "small.yaml"),
+            f"lake.root={lake}", "train.bits=32", f"encode.n_shards={N_SHARDS}", "model.version=2",
+            "encode.batch_rows=100", "spark.master=local[2]", "spark.show_progress=false"]
+    job = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not set(codes_dir.rglob("*.parquet")) - files_before:
+            assert job.poll() is None, "encode finished before it could be killed:\n" + job.stdout.read().decode()
+            assert time.time() < deadline, "encode wrote no file within 240 s"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and its JVM, mid-write
+    finally:
+        job.wait(30)
+    assert job.returncode == -signal.SIGKILL
+    assert set(codes_dir.rglob("*.parquet")) - files_before  # files written, never committed
+
+    assert version_of(spark, codes_dir) == 0
+    assert_codes_match(codes_of(spark, cfg1), expected_codes(spark, cfg1, 1), 1)
+    cfg2 = config(lake, "model.version=2")
+    out = encode(cfg2, capsys)  # the rerun
+    assert "full reindex" in out
+    assert version_of(spark, codes_dir) == 1
+    assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 2), 2)

@@ -1,0 +1,150 @@
+"""The encode worker and the encode planner, without Spark."""
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from audiohash.arrow_arrays import code_matrix
+from audiohash.encoding import EncodePlan, Lineage, appended_files, data_file, encode_batch, plan_encode, shard_of
+from audiohash.errors import AudiohashError
+from audiohash.quantizers import make_quantizer
+
+
+@pytest.fixture(scope="module")
+def pq():
+    rng = np.random.default_rng(5)
+    return make_quantizer("pq", 32, seed=0).fit(rng.normal(size=(3000, 16)).astype(np.float32))
+
+
+def batch_of(x: np.ndarray, clip_ids: list[str], labels: list) -> pa.RecordBatch:
+    offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(clip_ids), pa.array(labels, pa.string()), pa.array(np.arange(len(x), dtype=np.int64)),
+         pa.ListArray.from_arrays(offsets, pa.array(x.ravel(), pa.float32()))],
+        names=["clip_id", "label", "source_hash", "embedding"])
+
+
+def test_encode_batch_matches_the_quantizer_and_crc32_shards(pq):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(257, 16)).astype(np.float32)
+    clip_ids = [f"bank/label/clip-{i}" for i in range(len(x))]
+    labels = [None if i % 7 == 0 else f"class{i % 3}" for i in range(len(x))]
+    out = encode_batch(batch_of(x, clip_ids, labels), pq, n_shards=5)
+    assert out.schema.names == ["clip_id", "shard", "code", "label", "source_hash"]
+    np.testing.assert_array_equal(code_matrix(out.column("code"), 4), pq.encode(x))
+    assert out.column("shard").to_pylist() == [zlib.crc32(c.encode("utf-8")) % 5 for c in clip_ids]
+    assert out.column("label").to_pylist() == labels
+    assert out.column("source_hash").to_pylist() == list(range(len(x)))
+
+
+def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
+    rng = np.random.default_rng(7)
+    good = rng.normal(size=(4, 16)).astype(np.float32)
+    rows = [good[0], None, good[1], np.zeros(15), [np.nan] + [0.0] * 15, [None] + [0.0] * 15, good[2],
+            [np.inf] + [0.0] * 15, good[3]]
+    embeddings = pa.array([None if r is None else [None if v is None else float(v) for v in r] for r in rows],
+                          pa.list_(pa.float32()))
+    ids = [f"c{i}" for i in range(len(rows))]
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(ids), pa.array(["l"] * len(rows)), pa.array(np.arange(len(rows), dtype=np.int64)), embeddings],
+        names=["clip_id", "label", "source_hash", "embedding"])
+    for sliced in (batch, pa.Table.from_batches([batch.slice(0, 3), batch.slice(3)]).to_batches()[1]):
+        out = encode_batch(sliced, pq, 4)
+        kept = [i for i in ("c0", "c2", "c6", "c8") if i in sliced.column("clip_id").to_pylist()]
+        assert out.column("clip_id").to_pylist() == kept
+        which = {"c0": 0, "c2": 1, "c6": 2, "c8": 3}
+        expected = pq.encode(good[[which[i] for i in kept]])
+        np.testing.assert_array_equal(code_matrix(out.column("code"), 4), expected)
+    with pytest.raises(AudiohashError, match=r"missing columns \['source_hash'\]"):
+        encode_batch(batch.drop_columns(["source_hash"]), pq, 4)
+
+
+def test_shard_of_is_stable_and_in_range():
+    ids = [f"clip-{i}" for i in range(1000)]
+    shards = shard_of(ids, 8)
+    assert shards.dtype == np.int32 and shards.min() == 0 and shards.max() == 7
+    assert shard_of(["clip-0"], 8)[0] == zlib.crc32(b"clip-0") % 8 == shards[0]
+    assert np.bincount(shards).min() > 90  # spread, not lumped
+
+
+LINEAGE = Lineage("audiohash-pq-64b", 3, 8, ("db",), "/lake/embeddings", 10, "table-1", "run-a", "train-run")
+
+
+def test_lineage_round_trips_and_ignores_foreign_metadata():
+    assert Lineage.from_json(LINEAGE.to_json()) == LINEAGE
+    for foreign in (None, "", "nightly backfill", '{"model_name": "x"}', "[1, 2]", '{"audiohash_codes": 1}'):
+        assert Lineage.from_json(foreign) is None
+
+
+def requested(**changes) -> Lineage:
+    values = {**LINEAGE.__dict__, "run_id": "run-b", **changes}
+    return Lineage(**values)
+
+
+def add(path, data_change=True, **extra):
+    return {"add": {"path": path, "dataChange": data_change, **extra}}
+
+
+def test_plan_full_when_no_table_or_another_index():
+    assert plan_encode(requested(), None, "incremental", None).mode == "full"
+    assert plan_encode(requested(), LINEAGE, "full", []).mode == "full"
+    switch = plan_encode(requested(model_version=4, embeddings_version=12), LINEAGE, "incremental", [])
+    assert switch.mode == "full" and "model_version 3 -> 4" in switch.reason
+    assert plan_encode(requested(n_shards=16), LINEAGE, "incremental", []).mode == "full"
+    assert plan_encode(requested(splits=("db", "query")), LINEAGE, "incremental", []).mode == "full"
+    # The same splits in another order are the same index.
+    same = Lineage(**{**LINEAGE.__dict__, "splits": ("query", "db")})
+    assert plan_encode(same, Lineage(**{**LINEAGE.__dict__, "splits": ("db", "query")}), "incremental", []).mode == "none"
+
+
+def test_plan_nothing_when_the_embeddings_did_not_change():
+    plan = plan_encode(requested(), LINEAGE, "incremental", [])
+    assert plan == EncodePlan("none", "embeddings table unchanged since version 10")
+    only_info = [{"commitInfo": {"operation": "WRITE"}}, {"protocol": {"minReaderVersion": 1}}]
+    assert plan_encode(requested(embeddings_version=11), LINEAGE, "incremental", only_info).mode == "none"
+
+
+def test_plan_append_reads_only_the_appended_files():
+    actions = [{"commitInfo": {}}, add("part-0001-a.snappy.parquet"), add("split=db/part-0002%20b.snappy.parquet"),
+               add("file:/lake/embeddings/part-0003-c.snappy.parquet")]
+    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", actions)
+    assert plan.mode == "append"
+    assert plan.added_files == ("part-0001-a.snappy.parquet", "split=db/part-0002%20b.snappy.parquet",
+                                "file:/lake/embeddings/part-0003-c.snappy.parquet")
+
+
+@pytest.mark.parametrize("action, why", [
+    ({"remove": {"path": "part-0001.parquet", "dataChange": True}}, "removed or rewritten"),
+    (add("part-9.parquet", data_change=False), "rewritten"),
+    (add("part-9.parquet", deletionVector={"storageType": "u"}), "rewritten"),
+    ({"metaData": {"id": "x"}}, "schema or settings"),
+])
+def test_plan_compares_every_row_after_anything_but_appends(action, why):
+    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", [add("part-1.parquet"), action])
+    assert plan.mode == "compare" and why in plan.reason
+
+
+def test_plan_follows_the_table_not_its_path():
+    moved = plan_encode(requested(embeddings_table="s3a://bucket/lake/embeddings"), LINEAGE, "incremental", [])
+    assert moved.mode == "none"
+    other = plan_encode(requested(embeddings_table_id="table-2"), LINEAGE, "incremental", [])
+    assert other.mode == "compare" and "table-1 -> table-2" in other.reason
+
+
+def test_plan_compares_when_the_log_is_gone_or_the_table_went_back():
+    assert plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", None).mode == "compare"
+    older = plan_encode(requested(embeddings_version=4), LINEAGE, "incremental", [])
+    assert older.mode == "compare" and "older" in older.reason
+
+
+def test_plan_rejects_an_unknown_mode():
+    with pytest.raises(AudiohashError, match="encode.mode.*'incremental', 'full'.*'nightly'"):
+        plan_encode(requested(), LINEAGE, "nightly", [])
+
+
+def test_data_file_of_log_paths():
+    assert data_file("/lake/emb/", "part-00000-x.c000.snappy.parquet") == "/lake/emb/part-00000-x.c000.snappy.parquet"
+    assert data_file("s3a://b/lake/emb", "split=a%20b/part-1.parquet") == "s3a://b/lake/emb/split=a b/part-1.parquet"
+    assert data_file("/lake/emb", "s3a://other/part-2.parquet") == "s3a://other/part-2.parquet"
+    assert appended_files([])[0] == []

@@ -1,0 +1,293 @@
+"""Quantizers and retrieval metrics: round trips, agreement with faiss, hand-worked cases."""
+from __future__ import annotations
+
+import json
+import math
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from audiohash.errors import AudiohashError
+from audiohash.metrics import (
+    average_precision_at_r,
+    mean_average_precision,
+    precision_at_r,
+    recall_at_r,
+)
+from audiohash.quantizers import METHODS, QuantizerState, load_quantizer, make_quantizer
+from audiohash.quantizers.binary import agh_projection, spectral_modes
+from audiohash.quantizers.dqn import pairwise_cosine_loss, quantization_loss
+
+# Few optimizer steps: these tests check the plumbing, test_supervised_beats_pq the learning.
+FAST_DQN = {"steps": 60, "warmup_steps": 20, "refit_every": 20}
+HYPER = {"dqn": FAST_DQN, "dqn_cls": FAST_DQN}
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((600, 32)) * rng.uniform(0.5, 3.0, 32) + 4.0).astype(np.float32)
+    labels = np.where(rng.random(600) < 0.3, rng.integers(0, 5, 600), -1)
+    return x, labels, x[:25] + 0.1
+
+
+def fit(method, bits, x, labels, seed=0):
+    return make_quantizer(method, bits, seed=seed, **HYPER.get(method, {})).fit(x, labels)
+
+
+def through_files(state: QuantizerState, tmp_path) -> QuantizerState:
+    """What a bundle does: params as JSON, arrays as npz, the state dict by torch.save."""
+    (tmp_path / "params.json").write_text(json.dumps({"method": state.method, "params": state.params}))
+    np.savez(tmp_path / "arrays.npz", **state.arrays)
+    torch_state = None
+    if state.torch_state is not None:
+        torch.save(state.torch_state, tmp_path / "net.pt")
+        torch_state = torch.load(tmp_path / "net.pt", weights_only=True)
+    meta = json.loads((tmp_path / "params.json").read_text())
+    with np.load(tmp_path / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return QuantizerState(meta["method"], meta["params"], arrays, torch_state)
+
+
+# ---- every method ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [16, 24])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_round_trip(method, bits, data, tmp_path):
+    x, labels, xq = data
+    q = fit(method, bits, x, labels)
+    codes = q.encode(x)
+    assert codes.dtype == np.uint8 and codes.shape == (len(x), bits // 8) == (len(x), q.code_size)
+    D, I = q.scan(codes, q.query_side(xq), 10)
+    assert D.shape == I.shape == (len(xq), 10) and I.dtype == np.int64 and (I >= 0).all()
+    assert (np.diff(D, axis=1) >= 0).all()
+    for state in (q.state(), through_files(q.state(), tmp_path)):
+        again = load_quantizer(state)
+        assert type(again) is type(q)
+        np.testing.assert_array_equal(again.encode(x), codes)
+        D2, I2 = again.scan(again.encode(x), again.query_side(xq), 10)
+        np.testing.assert_array_equal(I2, I)
+        np.testing.assert_array_equal(D2, D)
+
+
+def test_scan_pads_past_the_database(data):
+    x, labels, xq = data
+    q = fit("pq", 16, x, labels)
+    D, I = q.scan(q.encode(x[:5]), q.query_side(xq), 8)
+    assert (I[:, 5:] == -1).all() and np.isinf(D[:, 5:]).all() and (I[:, :5] >= 0).all()
+
+
+# ---- agreement with faiss and with brute force ---------------------------------------------------
+def test_pq_equals_faiss_index_pq(data):
+    x, _, xq = data
+    q = make_quantizer("pq", 16, seed=1234).fit(x)  # 1234 is faiss's default k-means seed
+    index = faiss.IndexPQ(32, 2, 8)
+    index.train(q._standardize(x))
+    index.add(q._standardize(x))
+    D, I = index.search(q._standardize(xq), 10)
+    D2, I2 = q.scan(q.encode(x), q.query_side(xq), 10)
+    np.testing.assert_array_equal(I2, I)
+    np.testing.assert_allclose(D2, D, rtol=1e-5)
+
+
+def test_opq_equals_faiss_factory(data):
+    x, _, xq = data
+    q = make_quantizer("opq", 24, seed=1234).fit(x)  # M = 3: OPQ maps 32 -> 33 dimensions
+    index = faiss.index_factory(32, "OPQ3_33,PQ3")
+    index.train(q._standardize(x))
+    index.add(q._standardize(x))
+    D, I = index.search(q._standardize(xq), 10)
+    D2, I2 = q.scan(q.encode(x), q.query_side(xq), 10)
+    np.testing.assert_array_equal(I2, I)
+    np.testing.assert_allclose(D2, D, rtol=1e-4)
+
+
+def test_itq_equals_faiss_itq_lsh(data):
+    x, _, xq = data
+    q = make_quantizer("itq", 16, seed=7).fit(x)
+    index = faiss.index_factory(32, "ITQ16,LSH")
+    faiss.downcast_VectorTransform(index.chain.at(0)).itq.seed = 7
+    index.train(q._standardize(x))
+    faiss_codes = index.sa_encode(q._standardize(x))
+    np.testing.assert_array_equal(q.encode(x), faiss_codes)
+    binary = faiss.IndexBinaryFlat(16)
+    binary.add(faiss_codes)
+    D, I = binary.search(index.sa_encode(q._standardize(xq)), 10)
+    D2, I2 = q.scan(q.encode(x), q.query_side(xq), 10)
+    np.testing.assert_array_equal(I2, I)
+    np.testing.assert_array_equal(D2, D)
+
+
+@pytest.mark.parametrize("method", ["pq", "opq", "dqn"])
+def test_adc_scan_equals_lookup_table_sums(method, data):
+    x, labels, xq = data
+    q = fit(method, 24, x, labels)
+    codes = q.encode(x)
+    tables = q.lookup_tables(xq)  # (nq, M, 256)
+    brute = sum(tables[:, m, codes[:, m]] for m in range(q.code_size))  # (nq, n)
+    D, I = q.scan(codes, q.query_side(xq), 10)
+    np.testing.assert_allclose(D, np.take_along_axis(brute, I, axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(D, np.sort(brute, axis=1)[:, :10], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["itq", "sh", "agh"])
+def test_hamming_scan_equals_popcount(method, data):
+    x, labels, xq = data
+    q = fit(method, 16, x, labels)
+    codes, query = q.encode(x), q.query_side(xq)
+    brute = np.unpackbits(query[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2)
+    D, I = q.scan(codes, query, 10)
+    np.testing.assert_array_equal(D, np.take_along_axis(brute, I, axis=1))
+    np.testing.assert_array_equal(D, np.sort(brute, axis=1)[:, :10])
+
+
+# ---- spectral hashing ----------------------------------------------------------------------------
+def test_spectral_modes_small_case():
+    # Eigenvalues (k pi / range)^2 with ranges (2.5, 1), in units of pi^2: direction 0 gives
+    # 0.16, 0.64, 1.44, 2.56, ...; direction 1 gives 1, 4. The four smallest: (0,1) (0,2) (1,1) (0,3).
+    dims, ks = spectral_modes(np.array([2.5, 1.0]), 4)
+    assert dims.tolist() == [0, 0, 1, 0] and ks.tolist() == [1, 2, 1, 3]
+
+
+def test_sh_on_a_line():
+    # Points along t in [0, 1] on the diagonal, +-0.01 across it; both columns have the same
+    # mean and spread, so standardizing keeps the diagonal as the only wide PCA direction and
+    # all 8 modes lie along it: bit k of position t is cos(k pi t) > 0.
+    t = np.linspace(0.0, 1.0, 501)
+    x = np.concatenate([np.c_[t + 0.01, t - 0.01], np.c_[t - 0.01, t + 0.01]]).astype(np.float32)
+    q = make_quantizer("sh", 8).fit(x)
+    np.testing.assert_array_equal(q.dims, 0)
+    # t = 0.2: cos(k * 36 deg) > 0 for k = 1, 2, 8 -> bits 1,1,0,0,0,0,0,1 -> 1 + 2 + 128.
+    # t = 0.45: cos(k * 81 deg) > 0 for k = 1, 4, 5, 8 -> 1 + 8 + 16 + 128.
+    codes = q.encode(np.array([[0.2, 0.2], [0.45, 0.45]], np.float32))
+    assert codes[:, 0].tolist() == [131, 153]
+
+
+# ---- anchor graph hashing -------------------------------------------------------------------------
+def test_agh_projection_hand_worked():
+    # Two anchors, two points on each: Lambda = diag(2, 2), M = I; with the trivial (1, 1)/sqrt 2
+    # removed, V = (1, -1)/sqrt 2 with sigma = 1, so W = sqrt(4) * V / sqrt(2) = (1, -1).
+    z = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], float)
+    np.testing.assert_allclose(agh_projection(z, 1), [[1.0], [-1.0]])
+
+
+def test_agh_projection_is_balanced_and_orthogonal():
+    rng = np.random.default_rng(1)
+    z = np.zeros((200, 12))
+    for row in z:
+        row[rng.choice(12, 3, replace=False)] = rng.random(3)
+    z /= z.sum(axis=1, keepdims=True)
+    y = z @ agh_projection(z, 5)
+    np.testing.assert_allclose(y.sum(axis=0), 0, atol=1e-8)
+    np.testing.assert_allclose(y.T @ y, 200 * np.eye(5), atol=1e-8)
+
+
+def test_agh_first_bit_splits_two_clusters():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(-5, 1, (200, 4)), rng.normal(5, 1, (200, 4))]).astype(np.float32)
+    first = make_quantizer("agh", 8, n_anchors=20).fit(x).encode(x)[:, 0] & 1
+    assert len(set(first[:200])) == 1 and len(set(first[200:])) == 1 and first[0] != first[-1]
+
+
+# ---- DQN losses, determinism and learning ----------------------------------------------------------
+def test_pairwise_cosine_loss_hand_worked():
+    # cos(z1, z2) = 0, cos(z1, z3) = cos(z2, z3) = 1/sqrt 2; z1, z2 share a label.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    c = 1 / math.sqrt(2)
+    # s = -1: ((1 - 0)^2 + 2 (-1 - c)^2) / 3 = (4 + 2 sqrt 2) / 3
+    assert pairwise_cosine_loss(z, labels, -1.0).item() == pytest.approx((4 + 2 * math.sqrt(2)) / 3, rel=1e-6)
+    # s = 0: (1 + 2 c^2) / 3 = 2 / 3
+    assert pairwise_cosine_loss(z, labels, 0.0).item() == pytest.approx((1 + 2 * c * c) / 3, rel=1e-6)
+
+
+def test_quantization_loss():
+    z = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
+    assert quantization_loss(z, z.clone()).item() == 0.0
+    assert quantization_loss(z, torch.zeros_like(z)).item() == pytest.approx((0.3125 + 0.05) / 2)
+
+
+@pytest.mark.parametrize("method", ["dqn", "dqn_cls"])
+def test_dqn_is_deterministic(method, data):
+    x, labels, _ = data
+    codes = [fit(method, 16, x, labels, seed=3).encode(x) for _ in range(2)]
+    np.testing.assert_array_equal(codes[0], codes[1])
+    assert not np.array_equal(codes[0], fit(method, 16, x, labels, seed=4).encode(x))
+
+
+def test_dqn_needs_labels(data):
+    x, _, _ = data
+    with pytest.raises(AudiohashError, match="labels"):
+        make_quantizer("dqn", 16).fit(x)
+    with pytest.raises(AudiohashError, match="two classes or more"):
+        make_quantizer("dqn", 16).fit(x, np.full(len(x), -1))
+
+
+def clusters(seed, n, n_classes=20, d=128, sep=0.35):
+    """n points of n_classes Gaussian classes in d dims, anisotropic noise (scales fixed per seed)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_classes, d)) * sep
+    scales = rng.uniform(0.5, 2.0, d)
+    y = rng.integers(0, n_classes, n)
+    return (centers[y] + rng.standard_normal((n, d)) * scales).astype(np.float32), y
+
+
+def test_supervised_beats_pq():
+    x, y = clusters(0, 2500)
+    rng = np.random.default_rng(1)
+    labels = np.where(rng.random(len(x)) < 0.1, y, -1)
+    xq, yq = x[:200], y[:200]
+    scores = {}
+    for method in ("pq", "dqn", "dqn_cls"):
+        hyper = {} if method == "pq" else {"steps": 600, "warmup_steps": 200}
+        q = make_quantizer(method, 32, **hyper)
+        q.fit(x, labels)
+        _, ranked = q.scan(q.encode(x), q.query_side(xq), 250)
+        scores[method] = mean_average_precision(yq, y, ranked)
+    assert scores["dqn"] > scores["pq"] + 0.15, scores
+    assert scores["dqn_cls"] > scores["pq"] + 0.15, scores
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+def test_metrics_hand_worked():
+    db = np.array([1, 0, 1, 1, 0])
+    ranked = np.array([[0, 1, 2, 3, 4], [4, 1, -1, -1, -1]])
+    queries = np.array([1, 1])
+    # Query 0: hits at ranks 1, 3, 4 -> AP = (1/1 + 2/3 + 3/4) / 3; query 1: no hit -> 0.
+    ap = average_precision_at_r(np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool))
+    np.testing.assert_allclose(ap, [(1 + 2 / 3 + 3 / 4) / 3, 0.0])
+    assert mean_average_precision(queries, db, ranked) == pytest.approx((1 + 2 / 3 + 3 / 4) / 6)
+    # AP@2 of query 0 counts only the hit at rank 1.
+    assert mean_average_precision(queries[:1], db, ranked[:1, :2]) == pytest.approx(1.0)
+    assert precision_at_r(queries, db, ranked) == pytest.approx(3 / 10)
+    # Reference top-3 {2, 5, 0}: we found 2 and 0; the second row finds 1 of {1, 7}.
+    assert recall_at_r(np.array([[0, 1, 2], [1, 4, -1]]), np.array([[2, 5, 0], [7, 1, -1]])) == pytest.approx(
+        (2 / 3 + 1 / 2) / 2
+    )
+
+
+def test_metrics_match_brute_force_and_leave_inputs_alone():
+    rng = np.random.default_rng(3)
+    db = rng.integers(0, 4, 300)
+    queries = rng.integers(0, 4, 40)
+    ranked = np.array([rng.permutation(300)[:50] for _ in range(40)])
+    ranked[:5, 45:] = -1
+    reference = np.array([rng.permutation(300)[:50] for _ in range(40)])
+    copies = [a.copy() for a in (db, queries, ranked, reference)]
+
+    aps, precisions, recalls = [], [], []
+    for q in range(40):
+        hits, total = 0, 0.0
+        for k, i in enumerate(ranked[q], start=1):
+            if i >= 0 and db[i] == queries[q]:
+                hits += 1
+                total += hits / k
+        aps.append(total / hits if hits else 0.0)
+        precisions.append(hits / 50)
+        recalls.append(len(set(ranked[q]) & set(reference[q])) / 50)
+    assert mean_average_precision(queries, db, ranked) == pytest.approx(np.mean(aps))
+    assert precision_at_r(queries, db, ranked) == pytest.approx(np.mean(precisions))
+    assert recall_at_r(ranked, reference) == pytest.approx(np.mean(recalls))
+    for before, after in zip(copies, (db, queries, ranked, reference)):
+        np.testing.assert_array_equal(before, after)
