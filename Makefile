@@ -5,7 +5,7 @@
 # scripts/bootstrap.sh on first use and reused afterwards.
 CONF ?= conf/local.yaml
 
-.PHONY: demo test env
+.PHONY: demo test test-cluster env
 
 env:
 	scripts/with-env.sh python -c "import audiohash, pyspark, torch, faiss, mlflow; print('environment ready')"
@@ -13,8 +13,13 @@ env:
 demo:
 	scripts/with-env.sh scripts/demo.sh $(CONF)
 
+# The standalone-cluster tests (tests/test_cluster.py: a real master + 2 workers, worker loss)
+# are not yet verified to pass reliably on 2 cores; until they are, they run on their own.
 test:
-	scripts/with-env.sh python -m pytest -q -p no:cacheprovider
+	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m "not cluster"
+
+test-cluster:
+	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m cluster
 
 # The project code as one zip for a Spark cluster (spark-submit --py-files dist/audiohash.zip ...).
 .PHONY: package
