@@ -92,27 +92,6 @@ def test_runs_and_metrics_are_in_mlflow(pipeline):
     assert 0 < query_run["metrics.recall_at_" + str(int(query_run["metrics.R"]))] <= 1
 
 
-def test_query_batches_give_the_same_ranking(spark, pipeline):
-    from audiohash.spark.query import search_codes
-    from audiohash.spark.tables import read_embeddings
-    from audiohash.tracking import load_registered_bundle
-
-    bundle = load_registered_bundle(pipeline)
-    _, _, xq, _ = read_embeddings(spark, pipeline.lake.table("embeddings"), ["query"])
-    D_one, ids_one, v_one = search_codes(spark, bundle, pipeline.lake.table("codes"), xq, 15, 1000)
-    D_many, ids_many, v_many = search_codes(spark, bundle, pipeline.lake.table("codes"), xq, 15, 7)
-    assert v_one == v_many
-    np.testing.assert_array_equal(ids_one, ids_many)  # ties are broken by clip_id: fully deterministic
-    np.testing.assert_array_equal(D_one, D_many)
-    # In-process reference: the same quantizer's faiss scan over the same codes.
-    codes = read(spark, pipeline, "codes").select("clip_id", "code").orderBy("clip_id").toArrow()
-    from audiohash.arrow_arrays import code_matrix
-
-    D_ref, _ = bundle.quantizer.scan(code_matrix(codes.column("code"), bundle.quantizer.code_size),
-                                     bundle.quantizer.query_side(xq), 15)
-    np.testing.assert_allclose(D_one, D_ref, rtol=1e-5)
-
-
 def test_query_refuses_codes_of_another_model_version(spark, pipeline):
     from audiohash.errors import AudiohashError
 
