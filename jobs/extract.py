@@ -1,10 +1,11 @@
 """Extract: audio files (a manifest or a folder of class sub-folders) -> embeddings Delta table.
 
-Lists the input files, skips those the embeddings table already holds for this extractor, reads
-the bytes of the others with Spark's binaryFile source, and decodes (soundfile), resamples to
-16 kHz mono and embeds them (extract.extractor: logmel, or torchscript with extract.model_path)
-in the executors. Every input file ends in the embeddings table or in the rejects table with
-its reason; the counts are printed per stage and at the end.
+Lists the input files, skips those the embeddings table already holds for this extractor, and
+in the executors reads the others (local files directly, any other Hadoop filesystem through
+Spark's binaryFile source), decodes them (soundfile), resamples to 16 kHz mono and embeds them
+(extract.extractor: logmel, or torchscript with extract.model_path). Every input file ends in
+the embeddings table or in the rejects table with its reason; the counts are printed per stage
+and at the end. Reruns append only new files; another extractor version replaces the table.
 
     spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=lake/dataset/manifest.csv
     spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=/data/ESC-50/audio-by-class \\

@@ -41,7 +41,6 @@ from functools import reduce
 
 import numpy as np
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
@@ -331,35 +330,35 @@ def _embed_and_commit(spark: SparkSession, files: DataFrame, conf: dict, todo: p
     conf = {**conf, "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size),
             "spark.sql.execution.arrow.maxBytesPerBatch": str(MAX_ARROW_BATCH_BYTES)}
     ok, first_window = F.col("reject_reason").isNull(), F.col("offset_s") == 0
-    counts = Observation()  # counted while the write runs: no extra job when nothing is rejected
+    reject_columns = [*INPUT_COLUMNS, "reject_reason", "reject_message"]
+    # Counted, and the reject rows gathered, while the write runs: one pass over the audio, no
+    # cache and no second job. (The reject rows travel to the driver: one per rejected file.)
+    observed = Observation()
     with session_conf(spark, conf):
         out = (files.mapInPandas(embed_partition, EXTRACT_OUTPUT_DDL)
+               .observe(observed, F.count(F.when(ok, 1)).alias("rows"),
+                        F.count(F.when(ok & first_window, 1)).alias("files"),
+                        F.collect_list(F.when(~ok, F.struct(*reject_columns))).alias("rejects"))
+               .filter(ok)
                .withColumns({"extractor": F.lit(extractor.name),
                              "extractor_version": F.lit(extractor.version),
                              "sample_rate": F.lit(extractor.sample_rate).cast("int"),
                              "extracted_at": F.lit(run_at).cast("timestamp")})
-               .observe(counts, F.count(F.when(ok, 1)).alias("rows"),
-                        F.count(F.when(ok & first_window, 1)).alias("files"),
-                        F.count(F.when(~ok, 1)).alias("rejected"))
-               .persist(StorageLevel.MEMORY_AND_DISK))  # read again only for the reject rows
-        try:
-            rows = out.filter(ok).select(*EMBEDDING_COLUMNS)
-            version = overwrite_delta(rows, table) if mode == "overwrite" else append_delta(rows, table)
-            n_rows, n_embedded, n_rejected = (counts.get[k] for k in ("rows", "files", "rejected"))
-            rejects = todo.iloc[:0][INPUT_COLUMNS].assign(reject_reason=None, reject_message=None)
-            seen = None
-            if n_rejected:
-                rejects = out.filter(~ok).select(*INPUT_COLUMNS, "reject_reason", "reject_message").toPandas()
-            if n_embedded + n_rejected < len(todo):
-                seen = set(out.filter(~ok | first_window).select("path").toPandas()["path"])
-        finally:
-            out.unpersist()
-    if seen is not None:  # files the binaryFile read dropped: deleted or not permitted since they were listed
-        lost = todo.loc[~todo["path"].isin(seen), INPUT_COLUMNS]
+               .select(*EMBEDDING_COLUMNS))
+        version = overwrite_delta(out, table) if mode == "overwrite" else append_delta(out, table)
+    metrics = observed.get
+    n_rows, n_embedded = int(metrics["rows"]), int(metrics["files"])
+    rejects = pd.DataFrame([r.asDict() for r in metrics["rejects"]], columns=reject_columns)
+    if n_embedded + len(rejects) < len(todo):
+        # Files the binaryFile read dropped (deleted, or not permitted, since they were listed):
+        # neither in the committed table nor among the rejects.
+        embedded = set(spark.read.format("delta").load(table).filter(F.col("extractor_version") == extractor.version)
+                       .select("path").distinct().toPandas()["path"])
+        lost = todo.loc[~todo["path"].isin(embedded | set(rejects["path"])), INPUT_COLUMNS]
         lost = lost.assign(reject_reason="unreadable",
                            reject_message=lost["path"] + ": listed, but its bytes could not be read")
         rejects = pd.concat([rejects, lost], ignore_index=True)
-    return version, int(n_rows), int(n_embedded), rejects.reset_index(drop=True)
+    return version, n_rows, n_embedded, rejects
 
 
 def _write_rejects(spark: SparkSession, rejects: pd.DataFrame, input_paths: pd.Series, table: str,
