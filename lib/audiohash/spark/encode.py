@@ -37,7 +37,6 @@ USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
 HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
-REPARTITION = False
 MAX_LOG_VERSIONS = 1000  # embeddings commits read to find appended files; more: compare every row
 
 
@@ -295,8 +294,8 @@ def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_tabl
     rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards)
     codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
-    if REPARTITION:
-        codes = codes.repartition(lineage.n_shards, "shard")
+    # One task per shard writes it: one file per shard, whatever the number of input files.
+    codes = codes.repartition(lineage.n_shards, "shard")
     overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage.to_json())
     version, metrics = _commit_metrics(spark, codes_table)
     return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
