@@ -68,6 +68,31 @@ def test_merge_breaks_ties_by_clip_id():
     assert merge_topk([b, a], 3)[1].tolist() == ids.tolist()
 
 
+@pytest.mark.parametrize("method", ["pq", "itq"])
+def test_ties_at_the_cut_do_not_depend_on_the_partitioning(method):
+    """Many duplicate codes (as a DQN makes): the merged top-k must be the k smallest by
+    (distance, clip_id) however the rows are split and ordered, equal to a brute-force sort."""
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(6, 16)).astype(np.float32)
+    xb = centers[rng.integers(0, 6, 400)]  # 6 distinct vectors -> 6 distinct codes
+    q = make_quantizer(method, 16, seed=0).fit(xb + rng.normal(scale=0.3, size=xb.shape).astype(np.float32))
+    codes, xq = q.encode(xb), rng.normal(size=(7, 16)).astype(np.float32)
+    ids = np.array([f"c{i:04d}" for i in rng.permutation(len(xb))], object)  # ids not in row order
+    D_all, I_all = q.scan(codes, q.query_side(xq), len(codes))
+    k = 25
+    for sizes in ([400], [150, 250], [37, 163, 200]):
+        shuffled = rng.permutation(len(codes))
+        parts, start = [], 0
+        for size in sizes:
+            rows = shuffled[start:start + size]
+            parts.append(scan_partition(batches_of(codes[rows], list(ids[rows]), [size]), q, q.query_side(xq), k))
+            start += size
+        D, got = merge_topk(parts, k)
+        for row in range(len(xq)):
+            expected = sorted(zip(D_all[row].tolist(), ids[I_all[row]].tolist()))[:k]
+            assert list(zip(D[row].tolist(), got[row].tolist())) == expected, (sizes, row)
+
+
 def test_empty_partition_and_k_larger_than_partition(pq_setup):
     q, codes, xq = pq_setup
     empty = scan_partition([], q, q.query_side(xq), 10)

@@ -52,11 +52,29 @@ def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, quer
     models = tuple(sorted(set().union(*(model_tags(b) for b in batches))))
     codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
     clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
-    D, I = quantizer.scan(codes, query_side, min(k, len(codes)))
+    D, I = partition_topk(quantizer, codes, clip_ids, query_side, k)
     # Ship only the clips that made someone's top-k, renumbered 0..u-1.
     used, local = np.unique(I, return_inverse=True)
     return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids.take(pa.array(used)), models,
                          scanned_rows=len(codes))
+
+
+def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, query_side: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest rows per query by (distance, clip_id): D float32 (nq, k'), I int64 (nq, k').
+
+    faiss ranks equal distances by row number, so when equal distances straddle the k-th place
+    (duplicate codes are common: a DQN puts a class's clips on a few codewords) the rows are
+    rescanned in clip_id order; otherwise the partition could keep another clip than the one the
+    global merge would pick, and rankings would depend on the partitioning.
+    """
+    k = min(k, len(codes))
+    D, I = quantizer.scan(codes, query_side, min(k + 1, len(codes)))
+    if k in (0, len(codes)) or not (D[:, k - 1] == D[:, k]).any():
+        return D[:, :k], I[:, :k]
+    order = pc.sort_indices(clip_ids).to_numpy()
+    D, I = quantizer.scan(codes[order], query_side, k)
+    return D, order[I]
 
 
 def partition_record(part: PartitionTopK) -> pa.RecordBatch:
@@ -142,3 +160,35 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
     # Only the kept ids become Python strings.
     ids = all_ids.take(pa.array(order[O.ravel()])).to_numpy(zero_copy_only=False)
     return D, ids.reshape(O.shape)
+
+
+def ranking_mismatch(D: np.ndarray, ids: np.ndarray, D_ref: np.ndarray, ids_ref: np.ndarray, complete: bool,
+                     rtol: float = 1e-5) -> str | None:
+    """Compare a top-k (D, ids: (nq, k)) with a reference ranking (D_ref, ids_ref: (nq, k_ref >= k),
+    sorted by distance); None when they agree, else what differs, naming the query row.
+
+    Distances may differ by rounding: faiss builds the lookup tables by BLAS as ||x||^2 + ||c||^2
+    - 2 x.c, whose last bits depend on the batch's shape and threads, so they must agree within
+    ``rtol`` of the row's largest distance. Clip ids must be equal, except that within a run of
+    (near-)equal reference distances they may come in any order; a run cut by the k-th place may
+    keep any of its members (any clip at all if the reference is not ``complete`` and ends in it).
+    """
+    nq, k = ids.shape
+    if D.shape != (nq, k) or D_ref.shape[0] != nq or D_ref.shape[1] < k:
+        return f"shapes differ: {D.shape} vs reference {D_ref.shape}"
+    for row in range(nq):
+        d = D_ref[row]
+        tol = rtol * max(1.0, float(np.abs(d[np.isfinite(d)]).max(initial=0.0)))
+        worst = np.abs(D[row] - d[:k]).max(initial=0.0)
+        if not worst <= tol:
+            return f"query {row}: distances differ by {worst:.3g} (tolerance {tol:.3g})"
+        breaks = np.flatnonzero(np.diff(d) > tol) + 1
+        for start, stop in zip([0, *breaks], [*breaks, len(d)]):
+            if start >= k:
+                break
+            got, want = set(ids[row, start:min(stop, k)].tolist()), set(ids_ref[row, start:stop].tolist())
+            if stop == len(d) and not complete:
+                continue  # the run may go on past the reference's end
+            if not (got == want if stop <= k else got <= want):
+                return f"query {row}: ranks {start + 1}-{min(stop, k)} hold {sorted(got)[:5]}, expected {sorted(want)[:5]}"
+    return None
