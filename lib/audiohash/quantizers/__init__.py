@@ -1,23 +1,36 @@
-"""Quantizer registry: method name -> class. Every method implements ``base.Quantizer``."""
+"""Quantizer registry: method name -> class. Every method implements ``base.Quantizer``.
+
+Classes are imported on first use: a query executor scanning PQ codes never imports torch (the
+DQN module's ~3 s import), only a process that loads a network-backed method does.
+"""
 from __future__ import annotations
+
+import importlib
 
 from audiohash.errors import AudiohashError
 from audiohash.quantizers.base import AdcQuantizer, Quantizer, QuantizerState
-from audiohash.quantizers.binary import AGH, ITQ, SH
-from audiohash.quantizers.dqn import DQN, DQNCls
-from audiohash.quantizers.opq import OPQ
-from audiohash.quantizers.pq import PQ, PQFastScan
 
-METHODS: dict[str, type[Quantizer]] = {
-    cls.method: cls for cls in (PQ, PQFastScan, OPQ, ITQ, SH, AGH, DQN, DQNCls)
+# method -> (module under audiohash.quantizers, class name)
+METHODS: dict[str, tuple[str, str]] = {
+    "pq": ("pq", "PQ"),
+    "pq_fastscan": ("pq", "PQFastScan"),
+    "opq": ("opq", "OPQ"),
+    "itq": ("binary", "ITQ"),
+    "sh": ("binary", "SH"),
+    "agh": ("binary", "AGH"),
+    "dqn": ("dqn", "DQN"),
+    "dqn_cls": ("dqn", "DQNCls"),
 }
 
 
 def quantizer_class(method: str) -> type[Quantizer]:
     try:
-        return METHODS[method]
+        module, name = METHODS[method]
     except KeyError:
         raise AudiohashError(f"unknown method {method!r}; known: {sorted(METHODS)}") from None
+    cls = getattr(importlib.import_module(f"audiohash.quantizers.{module}"), name)
+    assert cls.method == method, (cls, method)
+    return cls
 
 
 def make_quantizer(method: str, n_bits: int, seed: int = 0, **hyper) -> Quantizer:
@@ -28,4 +41,5 @@ def load_quantizer(state: QuantizerState) -> Quantizer:
     return quantizer_class(state.method).from_state(state)
 
 
-__all__ = ["METHODS", "AdcQuantizer", "Quantizer", "QuantizerState", "load_quantizer", "make_quantizer"]
+__all__ = ["METHODS", "AdcQuantizer", "Quantizer", "QuantizerState", "load_quantizer", "make_quantizer",
+           "quantizer_class"]
