@@ -71,6 +71,13 @@ def test_round_trip(method, bits, data, tmp_path):
         np.testing.assert_array_equal(D2, D)
 
 
+def test_unknown_hyper_parameter_is_named():
+    with pytest.raises(AudiohashError, match=r"train.hyper.dqn: unknown hyper-parameter\(s\) \['step'\]; dqn takes .*'steps'"):
+        make_quantizer("dqn", 16, step=5)
+    with pytest.raises(AudiohashError, match=r"train.hyper.pq: .*\['steps'\]; pq takes none"):
+        make_quantizer("pq", 16, steps=5)
+
+
 def test_scan_pads_past_the_database(data):
     x, labels, xq = data
     q = fit("pq", 16, x, labels)

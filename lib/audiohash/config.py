@@ -80,7 +80,9 @@ class TrainSettings:
     bits: int = 64
     label_fraction: float = 0.1
     seed: int = 0
-    hyper: dict[str, typing.Any] = field(default_factory=dict)  # method-specific hyper-parameters
+    # Per method, e.g. train.hyper.dqn.steps=800: {method: {name: value}}; a name the method does
+    # not take stops the train job with a message naming it.
+    hyper: dict[str, dict[str, typing.Any]] = field(default_factory=dict)
     splits: list[str] = field(default_factory=list)  # training rows; [] = encode.splits (the database)
 
 

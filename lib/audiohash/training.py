@@ -43,11 +43,12 @@ def sample_labeled(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.n
 def train_bundle(method: str, bits: int, x: np.ndarray, labels: np.ndarray, label_fraction: float, seed: int,
                  hyper: dict, model_name: str, meta: dict) -> tuple[ModelBundle, dict]:
     """Fit ``method`` at ``bits`` on x (n, d) float32; only the sampled fraction's labels are used.
+    hyper: {method: {name: value}}; only ``hyper[method]`` applies.
 
     Returns the bundle (not yet registered) and training metrics.
     """
     seed_everything(seed)
-    quantizer = make_quantizer(method, bits, seed=seed, **hyper)
+    quantizer = make_quantizer(method, bits, seed=seed, **hyper.get(method, {}))
     label_ids, classes = sample_labeled(labels, label_fraction, seed)
     started = time.time()
     quantizer.fit(x, label_ids if quantizer.supervised else None)

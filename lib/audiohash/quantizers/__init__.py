@@ -6,6 +6,7 @@ DQN module's ~3 s import), only a process that loads a network-backed method doe
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from audiohash.errors import AudiohashError
 from audiohash.quantizers.base import AdcQuantizer, Quantizer, QuantizerState
@@ -34,7 +35,15 @@ def quantizer_class(method: str) -> type[Quantizer]:
 
 
 def make_quantizer(method: str, n_bits: int, seed: int = 0, **hyper) -> Quantizer:
-    return quantizer_class(method)(n_bits, seed=seed, **hyper)
+    cls = quantizer_class(method)
+    known = {p.name for klass in cls.__mro__[:-1] if "__init__" in vars(klass)  # [:-1]: not object
+             for p in inspect.signature(klass.__init__).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY} - {"self", "n_bits", "seed"}
+    unknown = sorted(set(hyper) - known)
+    if unknown:
+        raise AudiohashError(f"train.hyper.{method}: unknown hyper-parameter(s) {unknown}; "
+                             f"{method} takes {sorted(known) or 'none'}")
+    return cls(n_bits, seed=seed, **hyper)
 
 
 def load_quantizer(state: QuantizerState) -> Quantizer:
