@@ -26,7 +26,7 @@ def main(cfg, args):
         model = f"{lineage.model_name} v{lineage.model_version}" if lineage else "unknown model"
         print(f"encode: code table restored to version {cfg.encode.rollback_to} ({model}) as version {version} "
               f"(MLflow run {run.info.run_id})")
-        return
+        return run.info.run_id
     bundle = load_registered_bundle(cfg)
     _, model_run_id = resolve_model_version(bundle.model_name, str(bundle.model_version))
     with job_run(cfg, "encode", run_name=f"encode-{bundle.model_name}-v{bundle.model_version}") as run:
@@ -44,6 +44,7 @@ def main(cfg, args):
     print(summary.line() + f" (MLflow run {run.info.run_id})")
     for line in maintenance:
         print("encode: " + line)
+    return run.info.run_id
 
 
 if __name__ == "__main__":

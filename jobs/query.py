@@ -40,6 +40,7 @@ def main(cfg, args):
                 mlflow.log_artifacts(tmp)
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.metrics.items())
     print(f"query: {bundle.model_name} v{bundle.model_version} ({name}): {shown} (MLflow run {run.info.run_id})")
+    return run.info.run_id
 
 
 if __name__ == "__main__":

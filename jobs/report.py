@@ -10,7 +10,7 @@ from audiohash.cli import job_parser, run_job
 
 
 def run_stage(name, cfg, **args):
-    """Run one job's main() in this process (same SparkSession); return its MLflow run."""
+    """Run one job's main() in this process (same SparkSession); return its MLflow run (None for extract)."""
     import importlib.util
     from pathlib import Path
 
@@ -20,8 +20,8 @@ def run_stage(name, cfg, **args):
     spec = importlib.util.spec_from_file_location(f"audiohash_job_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(cfg, type("Args", (), args)())
-    return mlflow.last_active_run()
+    run_id = module.main(cfg, type("Args", (), args)())
+    return mlflow.get_run(run_id) if run_id else None
 
 
 def main(cfg, args):
@@ -68,7 +68,9 @@ def main(cfg, args):
 
     with job_run(cfg, "report", run_name=f"report-{args.setting}") as parent:
         for method in methods:
-            with mlflow.start_run(run_name=method, nested=True):
+            # In the parent's experiment (a nested run would otherwise land in MLflow's default one).
+            with mlflow.start_run(run_name=method, nested=True, experiment_id=parent.info.experiment_id):
+                mlflow.set_tag("audiohash.job", "report-method")
                 for n_bits in bits:
                     row, curve = one_model(method, n_bits, cfg.train.label_fraction)
                     rows.append(row)

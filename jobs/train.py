@@ -33,6 +33,7 @@ def main(cfg, args):
         version_number = log_and_register_bundle(bundle)
     print(f"train: {cfg.train.method} at {cfg.train.bits} bits on {len(x)} clips in {metrics['train_s']:.1f} s; "
           f"registered {cfg.model_name} version {version_number} (MLflow run {run.info.run_id})")
+    return run.info.run_id
 
 
 if __name__ == "__main__":
