@@ -1,0 +1,258 @@
+"""Retrieval quality of every method on the real benchmark, against two references without codes.
+
+    python benchmarks/quality.py --out FILE.json [--small]
+
+Renders (or reuses, under benchmarks/.cache) the GM benchmark dataset, embeds it with the default
+logmel extractor, and then, in one process and with the train job's own code
+(``training.train_bundle``: the same stratified label sample, the same seeds, the database rows
+sorted by clip_id as the job reads them):
+- for each method in {sh, itq, agh, pq, opq, dqn, dqn_cls} and bits in {8, 16, 24, 32, 64}, trains
+  on the database split with labeled fraction 0.1 (supervised methods see only those labels),
+  encodes the database and ranks every database clip for each held-out query (the quantizer's own
+  faiss scan, as the query job's executors run it): mAP@all, mAP@100, precision@100;
+  ``map_all_float`` ranks by the same network's unquantized outputs (supervised methods);
+  ``map_all_faiss`` is faiss's own index (IndexPQ, OPQ+PQ, ITQ+LSH) trained on the same data (pq,
+  opq, itq): the check that our glue around faiss loses nothing;
+- the references: ``euclid`` (exact L2 on the standardized embeddings) and ``mlp_probs`` (an MLP
+  classifier with the same hidden size, trained on the same labels, early-stopped on a held-out
+  fifth of them, ranking the database by its class-probability vectors; its query accuracy too);
+- the label-fraction sweep {0.01 .. 1.0} for dqn and dqn_cls at 32 bits.
+Writes {"dataset", "results": [...], "label_sweep": [...], "checks": {...}} and prints the table in
+the paper's layout plus the done-when checks of issue 11 (gain over PQ at 32 bits).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from real_data import machine, real_embeddings
+
+from audiohash.metrics import mean_average_precision, precision_at_r
+from audiohash.quantizers import AdcQuantizer
+from audiohash.report import BITS, LABEL_FRACTIONS, METHODS, SUPERVISED, paper_table
+from audiohash.training import sample_labeled, seed_everything, train_bundle
+
+log = logging.getLogger("benchmarks.quality")
+LABEL_FRACTION = 0.1
+SWEEP_BITS = 32
+MLP_HIDDEN = 512  # the DQN network's hidden size
+
+
+def scores(yq: np.ndarray, ydb: np.ndarray, ranked: np.ndarray) -> dict:
+    """mAP@all, mAP@100 and precision@100 of full rankings ranked (nq, n_db) into ydb."""
+    return {"map_all": mean_average_precision(yq, ydb, ranked),
+            "map_100": mean_average_precision(yq, ydb, ranked[:, :100]),
+            "p_100": precision_at_r(yq, ydb, ranked[:, :100])}
+
+
+def l2_ranking(zq: np.ndarray, zdb: np.ndarray) -> np.ndarray:
+    """Every database row for each query, nearest first (exact L2): int64 (nq, n_db)."""
+    index = faiss.IndexFlatL2(zdb.shape[1])
+    index.add(np.ascontiguousarray(zdb, np.float32))
+    return index.search(np.ascontiguousarray(zq, np.float32), len(zdb))[1]
+
+
+def faiss_own_ranking(method: str, bits: int, xs_db: np.ndarray, xs_q: np.ndarray, seed: int) -> np.ndarray | None:
+    """faiss's own index for pq/opq/itq, trained on the same standardized inputs with the same
+    k-means/rotation seeds as ours (so any gap is our glue, not the seed); None for other methods."""
+    d, M = xs_db.shape[1], bits // 8
+    d_out = -(-d // M) * M
+    if method == "pq":
+        xs_db, xs_q = (np.hstack([a, np.zeros((len(a), d_out - d), np.float32)]) for a in (xs_db, xs_q))
+        index = faiss.IndexPQ(d_out, M, 8)
+        index.pq.cp.seed = seed
+    elif method == "opq":
+        index = faiss.index_factory(d, f"OPQ{M}_{d_out},PQ{M}")
+        opq = faiss.downcast_VectorTransform(index.chain.at(0))
+        inner = faiss.ProductQuantizer(d_out, M, 8)
+        inner.cp.seed = seed
+        opq.pq = inner  # `inner` outlives the training below
+        faiss.downcast_index(index.index).pq.cp.seed = seed
+    elif method == "itq":
+        index = faiss.index_factory(d, f"ITQ{bits},LSH")
+        faiss.downcast_VectorTransform(index.chain.at(0)).itq.seed = seed
+    else:
+        return None
+    index.train(np.ascontiguousarray(xs_db))
+    index.add(np.ascontiguousarray(xs_db))
+    return index.search(np.ascontiguousarray(xs_q), len(xs_db))[1]
+
+
+def mlp_probs(xs_db: np.ndarray, label_ids: np.ndarray, xs_q: np.ndarray, yq_ids: np.ndarray, seed: int):
+    """The unquantized supervised reference: class-probability vectors of an MLP classifier.
+
+    Same hidden size and dropout as the DQN network, Adam, trained on the labeled rows with a
+    stratified fifth of them held out for early stopping (best held-out accuracy, patience 30 epochs).
+    Returns (probabilities of the database (n, C), of the queries (nq, C), query accuracy, epochs).
+    """
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    labeled = np.flatnonzero(label_ids >= 0)
+    held = np.zeros(len(labeled), bool)
+    for c in np.unique(label_ids[labeled]):
+        rows = np.flatnonzero(label_ids[labeled] == c)
+        if len(rows) >= 2:
+            held[rng.choice(rows, max(1, len(rows) // 5), replace=False)] = True
+    fit_rows, held_rows = labeled[~held], labeled[held]
+    n_classes = int(label_ids.max()) + 1
+    net = torch.nn.Sequential(torch.nn.Linear(xs_db.shape[1], MLP_HIDDEN), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(MLP_HIDDEN, n_classes))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    x_fit, y_fit = torch.from_numpy(xs_db[fit_rows]), torch.from_numpy(label_ids[fit_rows])
+    x_held, y_held = torch.from_numpy(xs_db[held_rows]), torch.from_numpy(label_ids[held_rows])
+    best, best_state, best_epoch, epoch = -1.0, None, 0, 0
+    while epoch - best_epoch < 30 and epoch < 1000:
+        net.train()
+        for batch in torch.randperm(len(x_fit)).split(128):
+            loss = F.cross_entropy(net(x_fit[batch]), y_fit[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            accuracy = float((net(x_held).argmax(1) == y_held).float().mean())
+        if accuracy > best:
+            best, best_epoch = accuracy, epoch
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        epoch += 1
+    net.load_state_dict(best_state)
+    net.eval()
+    with torch.no_grad():
+        p_db = torch.softmax(net(torch.from_numpy(xs_db)), 1).numpy()
+        p_q = torch.softmax(net(torch.from_numpy(xs_q)), 1).numpy()
+    return p_db, p_q, float((p_q.argmax(1) == yq_ids).mean()), epoch
+
+
+def run_method(method, bits, fraction, x_db, y_db, x_q, y_q, seed, hyper) -> dict:
+    bundle, train_metrics = train_bundle(method, bits, x_db, y_db, fraction, seed, hyper,
+                                         f"quality-{method}-{bits}b", {})
+    q = bundle.quantizer
+    codes = q.encode(x_db)
+    ranked = q.scan(codes, q.query_side(x_q), len(x_db))[1]
+    row = {"method": method, "bits": bits, "label_fraction": fraction, "supervised": q.supervised,
+           **scores(y_q, y_db, ranked), "train_s": round(train_metrics["train_s"], 2)}
+    if q.supervised and isinstance(q, AdcQuantizer):
+        row["map_all_float"] = scores(y_q, y_db, l2_ranking(q.transform(x_q), q.transform(x_db)))["map_all"]
+    faiss_ranked = faiss_own_ranking(method, bits, q._standardize(x_db), q._standardize(x_q), seed)
+    if faiss_ranked is not None:
+        row["map_all_faiss"] = scores(y_q, y_db, faiss_ranked)["map_all"]
+    return row
+
+
+def gain(m: float, pq: float) -> float:
+    """Share of PQ's shortfall from a perfect ranking that method m closes."""
+    return (m - pq) / (1 - pq)
+
+
+def checks(results: list[dict]) -> dict:
+    """Issue 11's done-when figures at 32 bits, label fraction 0.1."""
+    at = {r["method"]: r for r in results if r["bits"] in (SWEEP_BITS, None)}
+    if "pq" not in at:
+        return {}
+    pq = at["pq"]["map_all"]
+    out = {"bits": SWEEP_BITS, "pq_map_all": pq}
+    for m in SUPERVISED:
+        if m in at:
+            out[f"gain_{m}"] = round(gain(at[m]["map_all"], pq), 4)
+            out[f"float_minus_quantized_{m}"] = round(at[m]["map_all_float"] - at[m]["map_all"], 4)
+    supervised = [m for m in SUPERVISED if m in at]
+    if supervised:
+        best = max(supervised, key=lambda m: at[m]["map_all"])
+        out.update(best_supervised=best, gain_best=round(gain(at[best]["map_all"], pq), 4))
+        if "mlp_probs" in at:
+            out["best_minus_mlp_probs"] = round(at[best]["map_all"] - at["mlp_probs"]["map_all"], 4)
+    out["faiss_gap_points"] = {f"{r['method']}@{r['bits']}": round(100 * (r["map_all"] - r["map_all_faiss"]), 2)
+                               for r in results if "map_all_faiss" in r}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON results file")
+    ap.add_argument("--small", action="store_true", help="the small dataset (14 classes, 336 clips): a smoke run")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    ap.add_argument("--bits", default=",".join(map(str, BITS)), help="comma-separated (default: 8,16,24,32,64)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the label-fraction sweep")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the dataset seed stays 0)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    size = "small" if args.small else "full"
+    data = real_embeddings(size)
+    hyper = {}
+    if args.small:  # 336 clips: 10% labels is 2 clips per class; fewer steps keep the smoke run short
+        hyper = {m: {"steps": 400, "warmup_steps": 100} for m in SUPERVISED}
+
+    def split(name):
+        ids, labels, x = data.split(name)
+        order = np.argsort(ids.astype(str), kind="stable")  # the job reads rows sorted by clip_id
+        return ids[order], labels[order], x[order]
+
+    _, y_db, x_db = split("db")
+    _, y_q, x_q = split("query")
+    dataset = {"size": size, "seed": 0, "n_db": len(x_db), "n_query": len(x_q), "n_classes": len(set(y_db)),
+               "embedding": "logmel (128-d log-mel statistics)", "banks": sorted(set(data.sources))}
+    log.info("dataset: %s", dataset)
+    methods = [m for m in args.methods.split(",") if m]
+    bits_list = [int(b) for b in args.bits.split(",") if b]
+    results, sweep = [], []
+
+    # References without codes.
+    mean, std = x_db.mean(0), np.maximum(x_db.std(0), 1e-6)
+    xs_db, xs_q = ((x_db - mean) / std).astype(np.float32), ((x_q - mean) / std).astype(np.float32)
+    results.append({"method": "euclid", "bits": None, "label_fraction": None, "supervised": False,
+                    **scores(y_q, y_db, l2_ranking(xs_q, xs_db)), "train_s": 0.0})
+    label_ids, classes = sample_labeled(y_db, LABEL_FRACTION, args.seed)
+    class_of = {c: i for i, c in enumerate(classes)}
+    started = time.perf_counter()
+    p_db, p_q, accuracy, epochs = mlp_probs(xs_db, label_ids, xs_q, np.array([class_of.get(c, -1) for c in y_q]),
+                                            args.seed)
+    results.append({"method": "mlp_probs", "bits": None, "label_fraction": LABEL_FRACTION, "supervised": True,
+                    **scores(y_q, y_db, l2_ranking(p_q, p_db)), "train_s": round(time.perf_counter() - started, 2),
+                    "query_accuracy": round(accuracy, 4), "epochs": epochs})
+    for row in results:
+        log.info("%s: mAP@all %.4f", row["method"], row["map_all"])
+
+    for method in methods:
+        for bits in bits_list:
+            row = run_method(method, bits, LABEL_FRACTION, x_db, y_db, x_q, y_q, args.seed, hyper)
+            results.append(row)
+            log.info("%s %d bits: mAP@all %.4f (float %s, faiss %s) in %.1f s", method, bits, row["map_all"],
+                     row.get("map_all_float"), row.get("map_all_faiss"), row["train_s"])
+    if not args.no_sweep:
+        for method in [m for m in methods if m in SUPERVISED]:
+            for fraction in LABEL_FRACTIONS:
+                row = run_method(method, SWEEP_BITS, fraction, x_db, y_db, x_q, y_q, args.seed, hyper)
+                sweep.append(row)
+                log.info("sweep %s fraction %.2f: mAP@all %.4f", method, fraction, row["map_all"])
+
+    report = {"benchmark": "quality", "dataset": dataset, "results": results, "label_sweep": sweep,
+              "checks": checks(results), "machine": machine(),
+              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    coded = [r for r in results if r["bits"] is not None]
+    print(f"\nmAP@all (%) over the whole database, {size} benchmark, label fraction {LABEL_FRACTION}:\n")
+    print(paper_table(coded))
+    for r in results[:2]:
+        extra = f", query accuracy {r['query_accuracy']:.3f}" if "query_accuracy" in r else ""
+        print(f"{r['method']}: mAP@all {100 * r['map_all']:.1f}{extra}")
+    if sweep:
+        print(f"\nmAP@all (%) vs labeled fraction at {SWEEP_BITS} bits:\n")
+        print(paper_table([{**r, "bits": r["label_fraction"]} for r in sweep]).replace(" bits |", " |"))
+    print("\nchecks:", json.dumps(report["checks"], indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
