@@ -8,7 +8,7 @@ not depend on the content). Then times, in one run and on the same codes and cod
   (a) ours: the query job's search (spark/query.py: broadcast, per-partition faiss scan, merge)
       on local[2], from reading the Delta table to the merged top-k, session start excluded;
   (b) faiss: IndexPQ.search with 2 threads, codes in memory.
-Each is timed ``--repeats`` times; the median counts. Our first (cold) run, which also starts
+Each is timed ``--repeats`` times, ours and faiss alternating; the medians count. Our first (cold) run, which also starts
 Spark's Python workers, is reported separately as ours_cold_s.
 With ``--fastscan`` it also times the 4-bit fast-scan mode (pq_fastscan, 16 x 4 bits) against
 faiss IndexPQ and reports its mAP@all cost on the real dataset.
@@ -32,7 +32,7 @@ from real_data import CACHE, machine, real_embeddings, replicate
 
 from audiohash.arrow_arrays import binary_column, code_matrix
 from audiohash.bundle import ModelBundle
-from audiohash.encoding import shard_of
+from audiohash.encoding import Lineage, shard_of
 from audiohash.quantizers import make_quantizer
 from audiohash.ranking import ranking_mismatch
 
@@ -44,7 +44,7 @@ def build_code_table(spark, bundle: ModelBundle, x_db: np.ndarray, n: int, n_sha
     from audiohash.spark.tables import overwrite_delta, table_exists
 
     marker = Path(path) / "_benchmark.json"
-    key = {"n": n, "method": bundle.method, "bits": bundle.quantizer.n_bits, "shards": n_shards}
+    key = {"n": n, "method": bundle.method, "bits": bundle.quantizer.n_bits, "shards": n_shards, "lineage": 1}
     if table_exists(spark, path) and marker.exists() and json.loads(marker.read_text()) == key:
         return
     log.info("building code table of %d codes at %s", n, path)
@@ -63,7 +63,10 @@ def build_code_table(spark, bundle: ModelBundle, x_db: np.ndarray, n: int, n_sha
                                    pa.timestamp("us", tz="UTC")),
         }))
     frame = spark.createDataFrame(pa.concat_tables(chunks))
-    overwrite_delta(frame.repartition(n_shards, "shard"), path, partition_by=("shard",))
+    # The lineage jobs/encode.py commits with its codes: the query job checks the model against it.
+    lineage = Lineage(bundle.model_name, bundle.model_version, n_shards, ("db",), "benchmark (replicated)", 0)
+    overwrite_delta(frame.repartition(n_shards, "shard"), path, partition_by=("shard",),
+                    user_metadata=lineage.to_json())
     marker.write_text(json.dumps(key))
 
 
@@ -92,14 +95,18 @@ def run_mode(spark, method: str, bits: int, data, n: int, queries: int, topk: in
     cold = time.perf_counter()
     search_codes(spark, bundle, path, xq, topk, query_batch)
     cold = time.perf_counter() - cold
-    ours_times, (D_ours, ids_ours, _) = timed(lambda: search_codes(spark, bundle, path, xq, topk, query_batch), repeats)
-
     table = spark.read.format("delta").load(path).select("clip_id", "code").toArrow()
     db_ids = table.column("clip_id").to_numpy(zero_copy_only=False)
     faiss.omp_set_num_threads(2)
     index = quantizer.filled_scan_index(code_matrix(table.column("code"), quantizer.code_size))
     zq = quantizer.query_side(xq)
-    faiss_times, (D_ref, I_ref) = timed(lambda: index.search(zq, topk), repeats)
+    # Ours and faiss alternate, so both see the same machine (this VM's speed drifts by 20-30%).
+    ours_times, faiss_times = [], []
+    for _ in range(repeats):
+        seconds, (D_ours, ids_ours, _) = timed(lambda: search_codes(spark, bundle, path, xq, topk, query_batch), 1)
+        ours_times += seconds
+        seconds, (D_ref, I_ref) = timed(lambda: index.search(zq, topk), 1)
+        faiss_times += seconds
     ours_s, faiss_s = statistics.median(ours_times), statistics.median(faiss_times)
     # Equal top-k lists, allowing swaps among equal distances (and at the cut).
     mismatch = ranking_mismatch(D_ours, ids_ours, D_ref, db_ids[I_ref], complete=False)
@@ -125,7 +132,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--topk", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternating; medians count")
     parser.add_argument("--query-batch", type=int, default=1000)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--fastscan", action="store_true", help="also time the 4-bit fast-scan mode")

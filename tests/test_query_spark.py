@@ -60,3 +60,16 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded):
         assert ranking_mismatch(D, got, D_ref, ids_ref, complete=True) is None
         tied = D[:, 1:] == D[:, :-1]
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"
+
+
+
+def test_a_code_table_without_encode_lineage_is_refused(spark, encoded, tmp_path):
+    from audiohash.errors import AudiohashError
+    from audiohash.spark.query import search_codes
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, xq = encoded
+    copy = str(tmp_path / "copied-codes")  # the same rows, written by something else than encode
+    spark.read.format("delta").load(cfg.lake.table("codes")).write.format("delta").save(copy)
+    with pytest.raises(AudiohashError, match=r"copied-codes \(version 0\) was not written by jobs/encode.py"):
+        search_codes(spark, load_registered_bundle(cfg), copy, xq, K, 1000)

@@ -45,7 +45,7 @@ def test_partitioned_scan_and_merge_equal_one_faiss_index(pq_setup):
         parts.append(partition_record(scan_partition(batches, q, q.query_side(xq), k)))
         start += size
     parts = partitions_from_table(pa.Table.from_batches(parts), len(xq))
-    assert [p.models for p in parts] == [("m:3",)] * 3
+    assert [p.scanned_rows for p in parts] == [1000, 1700, 300]
     D, got = merge_topk(parts, k)
     np.testing.assert_allclose(D, D_ref, rtol=1e-5)
     # Same id lists up to swaps among equal distances.
@@ -136,17 +136,16 @@ def test_fast_scan_codes_round_trip_and_rank_like_faiss():
 
 def test_model_check_names_both_versions():
     from audiohash.bundle import ModelBundle
-    from audiohash.ranking import PartitionTopK, check_models
+    from audiohash.ranking import check_models
 
     bundle = ModelBundle(make_quantizer("pq", 8), "audiohash-pq-8b", 2, {})
-    part = PartitionTopK(np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int32), pa.array([], pa.string()),
-                         ("audiohash-pq-8b:1",))
     with pytest.raises(AudiohashError, match=r"audiohash-pq-8b:1.*bundle is audiohash-pq-8b:2"):
-        check_models([part], "lake/codes", bundle)
+        check_models(["audiohash-pq-8b:1"], "lake/codes", bundle)
+    with pytest.raises(AudiohashError, match=r"audiohash-pq-8b:1, audiohash-pq-8b:2 \(name:version\)"):
+        check_models(["audiohash-pq-8b:2", "audiohash-pq-8b:1"], "lake/codes", bundle)  # a mix is refused too
     with pytest.raises(AudiohashError, match="empty"):
         check_models([], "lake/codes", bundle)
-    part.models = ("audiohash-pq-8b:2",)
-    check_models([part], "lake/codes", bundle)
+    check_models(["audiohash-pq-8b:2"], "lake/codes", bundle)
 
 
 def test_query_batches_fit_the_budget():

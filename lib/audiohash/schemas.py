@@ -39,9 +39,8 @@ ENCODE_INPUT_COLUMNS = ["clip_id", "label", "source_hash", "embedding"]
 ENCODED_DDL = "clip_id string, shard int, code binary, label string, source_hash long"
 
 # One row per (partition, query batch) of the scan: arrays, never a row per candidate.
-# ``models`` lists the distinct "name:version" of the scanned rows, checked by the driver.
 # ``scanned_rows`` / ``scan_s``: the task's rows and seconds (``audiohash.spark.stats``).
-SCAN_OUTPUT_DDL = ("n_rows long, distances binary, local_ids binary, clip_ids array<string>, models array<string>, "
+SCAN_OUTPUT_DDL = ("n_rows long, distances binary, local_ids binary, clip_ids array<string>, "
                    "scanned_rows long, scan_s double")
 
 RESULTS_DDL = (

@@ -12,7 +12,6 @@ together with its lineage, so the next incremental run starts from what was rest
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -29,7 +28,8 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import EncodePlan, Lineage, data_file, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import append_delta, overwrite_delta, set_worker_threads, table_exists, table_version
+from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
+                                    table_version)
 
 log = logging.getLogger("audiohash.encode")
 CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
@@ -121,22 +121,6 @@ def code_rows(encoded: DataFrame, lineage: Lineage, encoded_at: dt.datetime) -> 
     return encoded.select(*[constants.get(c, F.col(c)).alias(c) for c in CODES_COLUMNS])
 
 
-@contextlib.contextmanager
-def session_conf(spark: SparkSession, settings: dict[str, str]):
-    """Set SQL confs for the duration of a block (this job's writes), then restore them."""
-    saved = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
-
-
 # ---- the code table's state ------------------------------------------------------------------------
 def _history(spark: SparkSession, codes_table: str, limit: int = HISTORY_DEPTH) -> list:
     return (DeltaTable.forPath(spark, codes_table).history(limit)
@@ -158,6 +142,12 @@ def lineage_at(history: list, version: int | None = None) -> Lineage | None:
         if row["operation"] not in MAINTENANCE_OPERATIONS:
             return None
     return None
+
+
+def code_table_state(spark: SparkSession, codes_table: str) -> tuple[int, Lineage | None]:
+    """(latest version, lineage of its content) of a code table, from one read of its history."""
+    history = _history(spark, codes_table)
+    return max(r["version"] for r in history), lineage_at(history)
 
 
 def embeddings_log_actions(spark: SparkSession, embeddings_table: str, after: int, upto: int) -> list[dict] | None:

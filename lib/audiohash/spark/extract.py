@@ -48,7 +48,8 @@ from audiohash.errors import AudiohashError
 from audiohash.extraction import (AUDIO_SUFFIXES, INPUT_COLUMNS, balanced_order, base_clip_ids, embed_files,
                                   folder_inputs, hadoop_path, manifest_inputs, plan_extract)
 from audiohash.schemas import EMBEDDINGS_DDL, EXTRACT_OUTPUT_DDL, REJECTS_DDL
-from audiohash.spark.tables import append_delta, overwrite_delta, set_worker_threads, table_exists, table_version
+from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
+                                    table_version)
 
 log = logging.getLogger("audiohash.extract")
 
@@ -105,22 +106,6 @@ class _Stages:
         self.lines.append(line)
         print(line, flush=True)
         log.info(line)
-
-
-@contextlib.contextmanager
-def session_conf(spark: SparkSession, settings: dict[str, str]):
-    """Set SQL settings for the enclosed reads and writes, then restore the previous values."""
-    before = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 # ---- plan: inputs, listing, what is already embedded ---------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
@@ -20,9 +21,14 @@ from audiohash.ranking import (check_models, merge_topk, partition_record, parti
                                plan_query_batches, scan_partition)
 from audiohash.schemas import SCAN_OUTPUT_DDL
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
-from audiohash.spark.tables import set_worker_threads, table_version
+from audiohash.errors import AudiohashError
+from audiohash.spark.encode import code_table_state
+from audiohash.spark.tables import session_conf, set_worker_threads
 
 log = logging.getLogger("audiohash.query")
+# Rows per Arrow batch sent to a scan task: fewer, larger batches cut the per-batch overhead of
+# moving a million codes from the JVM (the scan concatenates a partition's batches anyway).
+SCAN_BATCH_ROWS = 131072
 
 
 def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, queries: np.ndarray, k: int,
@@ -36,15 +42,24 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     ``stats``, if given, receives every scan task's rows and seconds (one record per partition
     and query batch, from successful task attempts only).
     """
-    version = table_version(spark, codes_table)
+    # Which model wrote the rows is in the lineage encode commits with them (one model per table
+    # version: a new model version is a full reindex); checked before anything is scanned.
+    version, lineage = code_table_state(spark, codes_table)
+    if lineage is None:
+        raise AudiohashError(f"code table {codes_table} (version {version}) was not written by jobs/encode.py: "
+                             f"no lineage in its commits, so nobody knows which model made its codes; re-encode")
+    check_models([f"{lineage.model_name}:{lineage.model_version}"], codes_table, bundle)
     codes = (spark.read.format("delta").option("versionAsOf", version).load(codes_table)
-             .select("clip_id", "code", "model_name", "model_version"))
+             .select("clip_id", "code"))
     if k >= 100_000:  # "whole database": size the batches by the table (a metadata-only count)
         k = min(k, codes.count())
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-    batches = plan_query_batches(len(queries), query_batch, k, codes.rdd.getNumPartitions(),
+    # The table's file count bounds its scan partitions (Spark packs small files together) and is
+    # read from Delta's metadata, while counting the partitions would plan the whole scan.
+    n_files = DeltaTable.forPath(spark, codes_table).detail().select("numFiles").first()[0]
+    batches = plan_query_batches(len(queries), query_batch, k, n_files,
                                  bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)
     all_D, all_ids = [], []
     for b, (start, stop) in enumerate(batches):
@@ -62,8 +77,8 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             part.seconds = time.perf_counter() - task_started
             yield partition_record(part)
 
-        parts = partitions_from_table(codes.mapInArrow(scan, SCAN_OUTPUT_DDL).toArrow(), stop - start)
-        check_models(parts, codes_table, bundle)
+        with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
+            parts = partitions_from_table(codes.mapInArrow(scan, SCAN_OUTPUT_DDL).toArrow(), stop - start)
         if stats is not None:
             stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
                                      [p.seconds for p in parts])

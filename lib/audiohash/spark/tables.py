@@ -1,6 +1,7 @@
 """Delta table helpers: one commit per write, versions reported, executor thread settings."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -73,3 +74,19 @@ def read_embeddings(spark: SparkSession, path: str, splits: list[str] | None = N
     x = embedding_matrix(table.column("embedding"), dims.pop(), what=f"{path} embedding")
     return (table.column("clip_id").to_numpy(zero_copy_only=False),
             table.column("label").to_numpy(zero_copy_only=False), x, version)
+
+
+@contextlib.contextmanager
+def session_conf(spark: SparkSession, settings: dict[str, str]):
+    """Set SQL settings for the enclosed reads and writes, then restore the previous values."""
+    before = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
