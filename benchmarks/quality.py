@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from real_data import machine, real_embeddings
 
-from audiohash.metrics import mean_average_precision, precision_at_r
+from audiohash.evaluation import exact_float_topk, retrieval_metrics
 from audiohash.quantizers import AdcQuantizer
 from audiohash.report import BITS, LABEL_FRACTIONS, METHODS, SUPERVISED, paper_table
 from audiohash.training import sample_labeled, seed_everything, train_bundle
@@ -48,17 +48,11 @@ MLP_HIDDEN = 512  # the DQN network's hidden size
 
 
 def scores(yq: np.ndarray, ydb: np.ndarray, ranked: np.ndarray) -> dict:
-    """mAP@all, mAP@100 and precision@100 of full rankings ranked (nq, n_db) into ydb."""
-    return {"map_all": mean_average_precision(yq, ydb, ranked),
-            "map_100": mean_average_precision(yq, ydb, ranked[:, :100]),
-            "p_100": precision_at_r(yq, ydb, ranked[:, :100])}
-
-
-def l2_ranking(zq: np.ndarray, zdb: np.ndarray) -> np.ndarray:
-    """Every database row for each query, nearest first (exact L2): int64 (nq, n_db)."""
-    index = faiss.IndexFlatL2(zdb.shape[1])
-    index.add(np.ascontiguousarray(zdb, np.float32))
-    return index.search(np.ascontiguousarray(zq, np.float32), len(zdb))[1]
+    """mAP@all, mAP@100 and precision@100 of full rankings ranked (nq, n_db) into ydb, by the
+    query job's own metric code."""
+    top = retrieval_metrics(yq, ydb, ranked[:, :100])
+    return {"map_all": retrieval_metrics(yq, ydb, ranked)["map_all"], "map_100": top["map_at_100"],
+            "p_100": top["precision_at_100"]}
 
 
 def faiss_own_ranking(method: str, bits: int, xs_db: np.ndarray, xs_q: np.ndarray, seed: int) -> np.ndarray | None:
@@ -141,7 +135,7 @@ def run_method(method, bits, fraction, x_db, y_db, x_q, y_q, seed, hyper) -> dic
     row = {"method": method, "bits": bits, "label_fraction": fraction, "supervised": q.supervised,
            **scores(y_q, y_db, ranked), "train_s": round(train_metrics["train_s"], 2)}
     if q.supervised and isinstance(q, AdcQuantizer):
-        row["map_all_float"] = scores(y_q, y_db, l2_ranking(q.transform(x_q), q.transform(x_db)))["map_all"]
+        row["map_all_float"] = scores(y_q, y_db, exact_float_topk(q.transform(x_q), q.transform(x_db), len(x_db)))["map_all"]
     faiss_ranked = faiss_own_ranking(method, bits, q._standardize(x_db), q._standardize(x_q), seed)
     if faiss_ranked is not None:
         row["map_all_faiss"] = scores(y_q, y_db, faiss_ranked)["map_all"]
@@ -211,14 +205,14 @@ def main(argv=None) -> None:
     mean, std = x_db.mean(0), np.maximum(x_db.std(0), 1e-6)
     xs_db, xs_q = ((x_db - mean) / std).astype(np.float32), ((x_q - mean) / std).astype(np.float32)
     results.append({"method": "euclid", "bits": None, "label_fraction": None, "supervised": False,
-                    **scores(y_q, y_db, l2_ranking(xs_q, xs_db)), "train_s": 0.0})
+                    **scores(y_q, y_db, exact_float_topk(xs_q, xs_db, len(xs_db))), "train_s": 0.0})
     label_ids, classes = sample_labeled(y_db, LABEL_FRACTION, args.seed)
     class_of = {c: i for i, c in enumerate(classes)}
     started = time.perf_counter()
     p_db, p_q, accuracy, epochs = mlp_probs(xs_db, label_ids, xs_q, np.array([class_of.get(c, -1) for c in y_q]),
                                             args.seed)
     results.append({"method": "mlp_probs", "bits": None, "label_fraction": LABEL_FRACTION, "supervised": True,
-                    **scores(y_q, y_db, l2_ranking(p_q, p_db)), "train_s": round(time.perf_counter() - started, 2),
+                    **scores(y_q, y_db, exact_float_topk(p_q, p_db, len(p_db))), "train_s": round(time.perf_counter() - started, 2),
                     "query_accuracy": round(accuracy, 4), "epochs": epochs})
     for row in results:
         log.info("%s: mAP@all %.4f", row["method"], row["map_all"])

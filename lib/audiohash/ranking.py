@@ -51,7 +51,7 @@ def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, 
     """The k nearest rows per query by (distance, clip_id): D float32 (nq, k'), I int64 (nq, k').
 
     faiss keeps the lowest row number among equal distances, so the rows are scanned in clip_id
-    order (a sort of the partition's ids: ~30 ms per 125k rows). Otherwise, where equal distances
+    order (one sort of the partition's ids). Otherwise, where equal distances
     straddle the k-th place (duplicate codes are common: a DQN puts a class on a few codewords),
     a partition could keep another clip than the one the global merge would pick, and rankings
     would depend on the partitioning.
@@ -95,7 +95,8 @@ def partitions_from_table(table: pa.Table, nq: int) -> list[PartitionTopK]:
 def check_models(seen: list[str], codes_table: str, bundle: ModelBundle) -> None:
     """Refuse to scan a code table written by another model (or an empty one).
 
-    seen: the distinct "name:version" of the table's rows (``spark.query.code_table_models``).
+    seen: the "name:version" of every model whose codes the table holds (the query job passes the
+    one model named by the table's encode lineage).
     """
     if not seen:
         raise AudiohashError(f"code table {codes_table} is empty; run jobs/encode.py first")

@@ -1,7 +1,7 @@
 """Quantizer registry: method name -> class. Every method implements ``base.Quantizer``.
 
-Classes are imported on first use: a query executor scanning PQ codes never imports torch (the
-DQN module's ~3 s import), only a process that loads a network-backed method does.
+Classes are imported on first use: a query executor scanning PQ codes never imports torch (which
+the DQN module needs), only a process that loads a network-backed method does.
 """
 from __future__ import annotations
 

@@ -17,12 +17,12 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
+from audiohash.errors import AudiohashError
 from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table,
                                plan_query_batches, scan_partition)
 from audiohash.schemas import SCAN_OUTPUT_DDL
-from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
-from audiohash.errors import AudiohashError
 from audiohash.spark.encode import code_table_state
+from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import session_conf, set_worker_threads
 
 log = logging.getLogger("audiohash.query")
