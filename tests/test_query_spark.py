@@ -1,6 +1,8 @@
 """The distributed query on real Delta code tables equals one in-process faiss scan of the same codes,
 for DQN codes (asymmetric distance through the network) and ITQ codes (Hamming), whatever the query
 batching: rankings by (distance, clip_id), with the many equal distances such codes produce."""
+import logging
+
 import numpy as np
 import pytest
 from conftest import run_job_main
@@ -38,7 +40,8 @@ def encoded(request, spark, tmp_path_factory):
     return cfg, xq
 
 
-def test_distributed_ranking_equals_one_in_process_scan(spark, encoded):
+@pytest.mark.parametrize("direct_read", [True, False], ids=["files-read-by-tasks", "rows-from-spark"])
+def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_read, caplog):
     from audiohash.arrow_arrays import code_matrix
     from audiohash.ranking import ranking_mismatch
     from audiohash.spark.query import search_codes
@@ -56,7 +59,9 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded):
     ids_ref = np.stack([ids[I_all[row]][o] for row, o in enumerate(order)])
     assert any(len(np.unique(d)) < len(d) for d in D_ref), "no equal distances: tie-breaking not exercised"
     for query_batch in (1000, 7):  # one batch, and 15 batches
-        D, got, _ = search_codes(spark, bundle, table, xq, K, query_batch)
+        with caplog.at_level(logging.INFO, logger="audiohash.query"):
+            D, got, _ = search_codes(spark, bundle, table, xq, K, query_batch, direct_read=direct_read)
+        assert ("files read by" in caplog.text) == direct_read  # this local Delta table is plain Parquet
         assert ranking_mismatch(D, got, D_ref, ids_ref, complete=True) is None
         tied = D[:, 1:] == D[:, :-1]
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"

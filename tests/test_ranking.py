@@ -159,3 +159,37 @@ def test_query_batches_fit_the_budget():
     for n, req in [(1, 1), (999, 7), (1000, 1000), (1001, 1000)]:
         spans = plan_query_batches(n, req, 50, 2, 0, 10**9)
         assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_code_files_read_directly_rank_like_the_batches(pq_setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from audiohash.ranking import read_code_files
+
+    q, codes, xq = pq_setup
+    ids = [f"clip{i:05d}" for i in range(len(codes))]
+    uris = []
+    for n, (start, stop) in enumerate([(0, 1200), (1200, 3000)]):  # the way Spark names data files
+        path = tmp_path / "shard=0" / f"part {n}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_batches(batches_of(codes[start:stop], ids[start:stop], [stop - start])), path)
+        uris.append("file:" + str(path).replace(" ", "%20"))
+    from_files = scan_partition(read_code_files(uris), q, q.query_side(xq), 30)
+    from_batches = scan_partition(batches_of(codes, ids, [3000]), q, q.query_side(xq), 30)
+    assert from_files.scanned_rows == 3000
+    np.testing.assert_array_equal(from_files.distances, from_batches.distances)
+    assert merge_topk([from_files], 30)[1].tolist() == merge_topk([from_batches], 30)[1].tolist()
+
+
+def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
+    from audiohash.ranking import balance_files, direct_readable
+
+    local = ["file:/lake/codes/shard=0/a.parquet", "file:/lake/codes/shard=1/b.parquet"]
+    assert direct_readable(1, ["shard"], local)
+    assert not direct_readable(3, ["shard"], local)  # deletion vectors, column mapping, ...
+    assert not direct_readable(1, ["clip_id"], local)  # a column that is no file's
+    assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"])
+    groups = balance_files([5, 1, 4, 2, 3, 3], 2)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert [sum([5, 1, 4, 2, 3, 3][i] for i in g) for g in groups] == [9, 9]
+    assert balance_files([7, 7], 4) == [[0], [1]] and balance_files([], 2) == []

@@ -8,7 +8,7 @@ Arrow arrays throughout: a million Python strings per partition would cost more 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,36 @@ def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, quer
     used, local = np.unique(I, return_inverse=True)
     return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids.take(pa.array(used)),
                          scanned_rows=len(codes))
+
+
+def direct_readable(min_reader_version: int, partition_columns: list[str], uris: list[str]) -> bool:
+    """Whether a code table version's data files can be read as plain Parquet by pyarrow: reader
+    protocol 1 (no deletion vectors, column mapping or type widening: the files' rows and columns
+    are the table's), clip_id and code stored in the files (not partition values), local files."""
+    return (min_reader_version == 1 and not {"clip_id", "code"} & set(partition_columns)
+            and all(uri.startswith("file:") for uri in uris))
+
+
+def read_code_files(uris: Iterable[str]) -> Iterator[pa.RecordBatch]:
+    """The (clip_id, code) record batches of Parquet data files, given as URIs (file:/...)."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    for uri in uris:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        yield from pq.read_table(path, columns=["clip_id", "code"], filesystem=filesystem).to_batches()
+
+
+def balance_files(sizes: list[int], n_groups: int) -> list[list[int]]:
+    """Indexes of files (by byte size) split into at most ``n_groups`` non-empty groups of similar
+    total size: largest file first, each to the lightest group so far."""
+    groups: list[list[int]] = [[] for _ in range(max(1, min(n_groups, len(sizes))))]
+    loads = [0] * len(groups)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += sizes[i]
+    return [sorted(g) for g in groups if g]
 
 
 def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, query_side: np.ndarray,
