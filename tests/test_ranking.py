@@ -189,7 +189,11 @@ def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
     assert not direct_readable(3, ["shard"], local)  # deletion vectors, column mapping, ...
     assert not direct_readable(1, ["clip_id"], local)  # a column that is no file's
     assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"])
-    groups = balance_files([5, 1, 4, 2, 3, 3], 2)
+    sizes = [5, 1, 4, 2, 3, 3]
+    groups = balance_files(sizes, 2)  # small: one task per core
     assert sorted(i for g in groups for i in g) == list(range(6))
-    assert [sum([5, 1, 4, 2, 3, 3][i] for i in g) for g in groups] == [9, 9]
+    assert [sum(sizes[i] for i in g) for g in groups] == [9, 9]
     assert balance_files([7, 7], 4) == [[0], [1]] and balance_files([], 2) == []
+    # Large: whole waves of tasks of at most max_task_bytes (when the files allow).
+    assert len(balance_files(sizes, 2, max_task_bytes=5)) == 4
+    assert len(balance_files([3] * 12, 2, max_task_bytes=10)) == 4

@@ -19,6 +19,10 @@ from audiohash.bundle import ModelBundle
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
 
+# Parquet bytes of code files one scan task reads at most when several tasks per core are needed
+# (Spark's spark.sql.files.maxPartitionBytes default; ~25 bytes per row once read).
+SCAN_TASK_BYTES = 128 << 20
+
 
 @dataclass
 class PartitionTopK:
@@ -64,10 +68,15 @@ def read_code_files(uris: Iterable[str]) -> Iterator[pa.RecordBatch]:
         yield from pq.read_table(path, columns=["clip_id", "code"], filesystem=filesystem).to_batches()
 
 
-def balance_files(sizes: list[int], n_groups: int) -> list[list[int]]:
-    """Indexes of files (by byte size) split into at most ``n_groups`` non-empty groups of similar
-    total size: largest file first, each to the lightest group so far."""
-    groups: list[list[int]] = [[] for _ in range(max(1, min(n_groups, len(sizes))))]
+def balance_files(sizes: list[int], cores: int, max_task_bytes: int = SCAN_TASK_BYTES) -> list[list[int]]:
+    """Indexes of data files (by byte size) grouped into scan tasks of similar total size: one task
+    per core while that keeps a task under ``max_task_bytes`` of files (a second wave of tasks
+    would leave cores idle behind a straggler), else whole waves of one task per core, so that a
+    task's rows fit its worker's memory. Largest file first, each to the lightest task so far;
+    a file is never split, and no task is empty."""
+    cores = max(1, cores)
+    waves = max(1, -(-sum(sizes) // (cores * max_task_bytes)))
+    groups: list[list[int]] = [[] for _ in range(max(1, min(cores * waves, len(sizes))))]
     loads = [0] * len(groups)
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         g = loads.index(min(loads))

@@ -74,10 +74,9 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     if direct_read and detail["minReaderVersion"] == 1:
         uris = codes.inputFiles()  # the files of this version: the listing Spark's scan would make
         if direct_readable(detail["minReaderVersion"], detail["partitionColumns"], uris):
-            # One task per core (a second wave would leave cores idle behind a straggler).
-            n_tasks = max(1, sc.defaultParallelism // task_cpus)
+            cores = max(1, sc.defaultParallelism // task_cpus)  # tasks that run at once
             sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
-            groups = [[uris[i] for i in group] for group in balance_files(sizes, n_tasks)] or [[]]
+            groups = [[uris[i] for i in group] for group in balance_files(sizes, cores)] or [[]]
             n_files = len(groups)
     log.info("scanning %s v%d: %s", codes_table, version, f"{n_files} files read by {len(groups)} tasks"
              if groups is not None else "rows from Spark's Delta reader")
