@@ -78,7 +78,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
             groups = [[uris[i] for i in group] for group in balance_files(sizes, cores)] or [[]]
             n_files = len(groups)
-    log.info("scanning %s v%d: %s", codes_table, version, f"{n_files} files read by {len(groups)} tasks"
+    log.info("scanning %s v%d: %s", codes_table, version, f"{len(uris)} files read by {len(groups)} tasks"
              if groups is not None else "rows from Spark's Delta reader")
     batches = plan_query_batches(len(queries), query_batch, k, n_files,
                                  bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)
@@ -99,15 +99,20 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             return part
 
         if groups is not None:
-            # A task's element is its list of files; collect returns the tasks' answers in order.
-            parts = (sc.parallelize(groups, len(groups))
-                     .mapPartitions(lambda tasks, scan=scan: iter([scan(read_code_files(u for t in tasks for u in t))]))
-                     .collect())
+            # Task i (row i of a range, one row per partition) reads and scans the files groups[i].
+            def scan_files(batches, scan=scan):
+                for batch in batches:
+                    for task in batch.column("id").to_pylist():
+                        yield partition_record(scan(read_code_files(groups[task])))
+
+            rows = spark.range(0, len(groups), 1, len(groups)).mapInArrow(scan_files, SCAN_OUTPUT_DDL)
         else:
-            with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
-                rows = codes.mapInArrow(lambda batches, scan=scan: iter([partition_record(scan(batches))]),
-                                        SCAN_OUTPUT_DDL)
-                parts = partitions_from_table(rows.toArrow(), stop - start)
+            def scan_rows(batches, scan=scan):
+                yield partition_record(scan(batches))
+
+            rows = codes.mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
+        with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
+            parts = partitions_from_table(rows.toArrow(), stop - start)
         if stats is not None:
             stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
                                      [p.seconds for p in parts])
