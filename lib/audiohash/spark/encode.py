@@ -100,8 +100,8 @@ def encode_frame(rows: DataFrame, bundle: ModelBundle, n_shards: int) -> tuple[D
         from audiohash.bundle import cached_bundle_from_bytes
         from audiohash.encoding import encode_batch
 
-        set_worker_threads(task_cpus)
         quantizer = cached_bundle_from_bytes(payload.value).quantizer
+        set_worker_threads(task_cpus)
         for batch in batches:
             out = encode_batch(batch, quantizer, n_shards)
             if out.num_rows < batch.num_rows:

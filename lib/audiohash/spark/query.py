@@ -92,8 +92,8 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             from audiohash.bundle import cached_bundle_from_bytes
 
             task_started = time.perf_counter()
-            set_worker_threads(task_cpus)
             quantizer = cached_bundle_from_bytes(payload.value).quantizer
+            set_worker_threads(task_cpus)
             part = scan_partition(batches, quantizer, shipped.value, k)
             part.seconds = time.perf_counter() - task_started
             return part

@@ -44,11 +44,14 @@ def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
 
 def set_worker_threads(task_cpus: int) -> None:
     """Executors: give torch and faiss the task's cores only, so tasks sharing a worker do not
-    oversubscribe it (called at the start of every task; cheap)."""
-    import faiss
-    import torch
+    oversubscribe it (called in every task once its model is loaded; cheap). torch is set only
+    if the model imported it: a PQ scan worker never pays torch's import (seconds per worker)."""
+    import sys
 
-    if torch.get_num_threads() != task_cpus:
+    import faiss
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != task_cpus:
         torch.set_num_threads(task_cpus)
     faiss.omp_set_num_threads(task_cpus)
 
