@@ -197,3 +197,38 @@ def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
     # Large: whole waves of tasks of at most max_task_bytes (when the files allow).
     assert len(balance_files(sizes, 2, max_task_bytes=5)) == 4
     assert len(balance_files([3] * 12, 2, max_task_bytes=10)) == 4
+
+
+WORKER_WITHOUT_TORCH = """
+import sys
+import numpy as np
+import pyarrow as pa
+from audiohash.arrow_arrays import binary_column
+from audiohash.bundle import ModelBundle, bundle_to_bytes, cached_bundle_from_bytes
+from audiohash.quantizers import make_quantizer
+from audiohash.ranking import scan_partition
+from audiohash.spark.tables import set_worker_threads
+
+x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+payload = bundle_to_bytes(ModelBundle(make_quantizer("pq", 16).fit(x), "m", 1, {}))
+quantizer = cached_bundle_from_bytes(payload).quantizer  # what a scan task does, in this order
+set_worker_threads(1)
+codes = quantizer.encode(x)
+batch = pa.RecordBatch.from_arrays([pa.array([f"c{i:04d}" for i in range(600)]), binary_column(codes)],
+                                   names=["clip_id", "code"])
+part = scan_partition([batch], quantizer, quantizer.query_side(x[:3]), 5)
+assert part.scanned_rows == 600
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_a_pq_scan_worker_never_imports_torch():
+    """torch's import costs a fresh Python worker seconds; a PQ scan needs only faiss."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WORKER_WITHOUT_TORCH], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
