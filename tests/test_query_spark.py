@@ -67,7 +67,6 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_r
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"
 
 
-
 def test_a_code_table_without_encode_lineage_is_refused(spark, encoded, tmp_path):
     from audiohash.errors import AudiohashError
     from audiohash.spark.query import search_codes

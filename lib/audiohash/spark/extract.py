@@ -307,8 +307,8 @@ def _embed_and_commit(spark: SparkSession, files: DataFrame, conf: dict, todo: p
     task_cpus = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
 
     def embed_partition(batches):
-        set_worker_threads(task_cpus)
         worker_extractor = get_extractor(extractor_name, **extractor_params)  # once per Python worker
+        set_worker_threads(task_cpus)
         for batch in batches:
             yield embed_files(batch, worker_extractor, max_windows, windows_per_call)
 
