@@ -251,3 +251,31 @@ def test_a_run_killed_mid_write_leaves_no_partial_commit(spark, lake, capsys, tm
     assert "full reindex" in out
     assert version_of(spark, codes_dir) == 1
     assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 2), 2)
+
+
+def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplog):
+    """The direct read (tasks read the Parquet files) and Spark's Delta reader give the same code
+    rows, shards and fingerprints; the log says which one ran."""
+    import logging
+
+    from audiohash.spark.encode import encode_codes
+    from audiohash.tracking import load_registered_bundle
+
+    cfg = config(lake, "model.version=1")
+    bundle = load_registered_bundle(cfg, "1")
+    tables = {}
+    for direct_read in (True, False):
+        codes = str(lake / f"codes-direct-{direct_read}")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="audiohash.encode"):
+            summary = encode_codes(spark, bundle, cfg.lake.table("embeddings"), codes, cfg.lake.table("rejects"),
+                                   N_SHARDS, ["db"], "full", direct_read=direct_read)
+        assert ("files in" in caplog.text) == direct_read  # this local Delta table is plain Parquet
+        assert summary.encoded == N_DB
+        tables[direct_read] = (spark.read.format("delta").load(codes)
+                               .select("clip_id", "shard", "code", "label", "source_hash").toPandas()
+                               .set_index("clip_id").sort_index())
+    pd.testing.assert_frame_equal(tables[True], tables[False])
+    assert tables[True]["source_hash"].is_unique
+    assert_codes_match(tables[True].assign(model_version=1, model_name="audiohash-pq-32b"),
+                       expected_codes(spark, cfg, 1), 1)

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 
 from audiohash.arrow_arrays import code_matrix
-from audiohash.encoding import EncodePlan, Lineage, appended_files, data_file, encode_batch, plan_encode, shard_of
+from audiohash.encoding import (EncodePlan, Lineage, appended_files, data_file, encode_batch, fingerprint, plan_encode,
+                                select_splits, shard_of)
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import make_quantizer
 
@@ -20,9 +21,9 @@ def pq():
 def batch_of(x: np.ndarray, clip_ids: list[str], labels: list) -> pa.RecordBatch:
     offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
     return pa.RecordBatch.from_arrays(
-        [pa.array(clip_ids), pa.array(labels, pa.string()), pa.array(np.arange(len(x), dtype=np.int64)),
+        [pa.array(clip_ids), pa.array(labels, pa.string()),
          pa.ListArray.from_arrays(offsets, pa.array(x.ravel(), pa.float32()))],
-        names=["clip_id", "label", "source_hash", "embedding"])
+        names=["clip_id", "label", "embedding"])
 
 
 def test_encode_batch_matches_the_quantizer_and_crc32_shards(pq):
@@ -35,7 +36,8 @@ def test_encode_batch_matches_the_quantizer_and_crc32_shards(pq):
     np.testing.assert_array_equal(code_matrix(out.column("code"), 4), pq.encode(x))
     assert out.column("shard").to_pylist() == [zlib.crc32(c.encode("utf-8")) % 5 for c in clip_ids]
     assert out.column("label").to_pylist() == labels
-    assert out.column("source_hash").to_pylist() == list(range(len(x)))
+    batch = batch_of(x, clip_ids, labels)
+    assert out.column("source_hash").to_pylist() == fingerprint(batch.column("embedding"), batch.column("label")).tolist()
 
 
 def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
@@ -47,8 +49,7 @@ def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
                           pa.list_(pa.float32()))
     ids = [f"c{i}" for i in range(len(rows))]
     batch = pa.RecordBatch.from_arrays(
-        [pa.array(ids), pa.array(["l"] * len(rows)), pa.array(np.arange(len(rows), dtype=np.int64)), embeddings],
-        names=["clip_id", "label", "source_hash", "embedding"])
+        [pa.array(ids), pa.array(["l"] * len(rows)), embeddings], names=["clip_id", "label", "embedding"])
     for sliced in (batch, pa.Table.from_batches([batch.slice(0, 3), batch.slice(3)]).to_batches()[1]):
         out = encode_batch(sliced, pq, 4)
         kept = [i for i in ("c0", "c2", "c6", "c8") if i in sliced.column("clip_id").to_pylist()]
@@ -56,8 +57,62 @@ def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
         which = {"c0": 0, "c2": 1, "c6": 2, "c8": 3}
         expected = pq.encode(good[[which[i] for i in kept]])
         np.testing.assert_array_equal(code_matrix(out.column("code"), 4), expected)
-    with pytest.raises(AudiohashError, match=r"missing columns \['source_hash'\]"):
-        encode_batch(batch.drop_columns(["source_hash"]), pq, 4)
+    with pytest.raises(AudiohashError, match=r"missing columns \['label'\]"):
+        encode_batch(batch.drop_columns(["label"]), pq, 4)
+
+
+def reference_fingerprint(row, label) -> int:
+    """encoding.fingerprint's definition, one row at a time in Python integers (mod 2**64)."""
+    mask = 2**64 - 1
+
+    def mix(h):
+        h ^= h >> 30
+        h = (h * 0xBF58476D1CE4E5B9) & mask
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & mask
+        return h ^ (h >> 31)
+
+    total = 0
+    values = [] if row is None else np.asarray([np.nan if v is None else v for v in row], np.float32).view(np.uint32)
+    for position, bits in enumerate(values, start=1):
+        key = mix((position * 0x9E3779B97F4A7C15) & mask) | 1
+        total = (total + int(bits) * key) & mask
+    length = (-1 if row is None else len(values)) & mask
+    h = mix(total ^ mix((length + 0x632BE59BD9B4E019) & mask))
+    import hashlib
+    label_key = 0 if label is None else int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "little")
+    return int(np.uint64(mix(h ^ label_key)).view(np.int64))
+
+
+def test_fingerprint_follows_its_definition_and_sees_every_change():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    rows = [list(map(float, r)) for r in x] + [None, [], [1.0, None, 2.0], list(map(float, x[0][:4]))]
+    labels = ["a", "b", None, "a", "a", "b", "a", None, "c", "a"]
+    column = pa.array(rows, pa.list_(pa.float32()))
+    got = fingerprint(column, pa.array(labels))
+    assert got.dtype == np.int64
+    assert got.tolist() == [reference_fingerprint(r, lab) for r, lab in zip(rows, labels)]
+    assert len(set(got.tolist())) == len(rows)  # the prefix row, the null and the empty row differ too
+    # Equal rows of equal labels agree, whatever the batch (the uniform fast path vs the general one).
+    uniform = pa.ListArray.from_arrays(pa.array(np.arange(0, 31, 5, dtype=np.int32)), pa.array(x.ravel()))
+    assert fingerprint(uniform, pa.array(labels[:6])).tolist() == got[:6].tolist()
+    assert fingerprint(uniform.slice(2, 3), pa.array(labels[2:5])).tolist() == got[2:5].tolist()
+    # One bit of one value, the label, the order of two values: each changes it.
+    flipped = x.copy()
+    flipped.view(np.uint32)[1, 3] ^= 1
+    swapped = x.copy()
+    swapped[2, [0, 1]] = swapped[2, [1, 0]]
+    for changed, changed_labels in ((flipped, labels[:6]), (swapped, labels[:6]), (x, ["z"] + labels[1:6])):
+        column = pa.ListArray.from_arrays(pa.array(np.arange(0, 31, 5, dtype=np.int32)), pa.array(changed.ravel()))
+        assert (fingerprint(column, pa.array(changed_labels)) != got[:6]).sum() == 1
+
+
+def test_select_splits_keeps_the_named_splits():
+    batch = pa.RecordBatch.from_pydict({"clip_id": ["a", "b", "c", "d"], "split": ["db", "query", None, "db"]})
+    assert select_splits(batch, ["db"]).column("clip_id").to_pylist() == ["a", "d"]
+    assert select_splits(batch, ("db", "query")).num_rows == 3
+    assert select_splits(batch, []).num_rows == 4
 
 
 def test_shard_of_is_stable_and_in_range():

@@ -164,7 +164,7 @@ def test_query_batches_fit_the_budget():
 def test_code_files_read_directly_rank_like_the_batches(pq_setup, tmp_path):
     import pyarrow.parquet as pq
 
-    from audiohash.ranking import read_code_files
+    from audiohash.table_files import read_parquet_files
 
     q, codes, xq = pq_setup
     ids = [f"clip{i:05d}" for i in range(len(codes))]
@@ -174,7 +174,7 @@ def test_code_files_read_directly_rank_like_the_batches(pq_setup, tmp_path):
         path.parent.mkdir(exist_ok=True)
         pq.write_table(pa.Table.from_batches(batches_of(codes[start:stop], ids[start:stop], [stop - start])), path)
         uris.append("file:" + str(path).replace(" ", "%20"))
-    from_files = scan_partition(read_code_files(uris), q, q.query_side(xq), 30)
+    from_files = scan_partition(read_parquet_files(uris, ["clip_id", "code"]), q, q.query_side(xq), 30)
     from_batches = scan_partition(batches_of(codes, ids, [3000]), q, q.query_side(xq), 30)
     assert from_files.scanned_rows == 3000
     np.testing.assert_array_equal(from_files.distances, from_batches.distances)
@@ -182,13 +182,13 @@ def test_code_files_read_directly_rank_like_the_batches(pq_setup, tmp_path):
 
 
 def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
-    from audiohash.ranking import balance_files, direct_readable
+    from audiohash.table_files import balance_files, direct_readable
 
     local = ["file:/lake/codes/shard=0/a.parquet", "file:/lake/codes/shard=1/b.parquet"]
-    assert direct_readable(1, ["shard"], local)
-    assert not direct_readable(3, ["shard"], local)  # deletion vectors, column mapping, ...
-    assert not direct_readable(1, ["clip_id"], local)  # a column that is no file's
-    assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"])
+    assert direct_readable(1, ["shard"], local, ["clip_id", "code"])
+    assert not direct_readable(3, ["shard"], local, ["clip_id", "code"])  # deletion vectors, column mapping, ...
+    assert not direct_readable(1, ["clip_id"], local, ["clip_id", "code"])  # a column that is no file's
+    assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"], ["clip_id", "code"])
     sizes = [5, 1, 4, 2, 3, 3]
     groups = balance_files(sizes, 2)  # small: one task per core
     assert sorted(i for g in groups for i in g) == list(range(6))

@@ -1,6 +1,7 @@
 """Encoding without Spark: the batch worker the executors run, and the plan of an encode run.
 
 - ``encode_batch``: a batch of embedding rows in, code rows out (pyarrow/numpy).
+- ``fingerprint``: a 64-bit fingerprint of each row's embedding and label (``source_hash``).
 - ``Lineage``: what a code-table commit was made from (model version, embeddings version, shards,
   splits, MLflow run); stored as the Delta commit's userMetadata, read back by the next run.
 - ``plan_encode``: from the code table's lineage, the requested one and the embeddings table's
@@ -9,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.parse
 import zlib
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audiohash.arrow_arrays import binary_column
 from audiohash.errors import AudiohashError
@@ -58,10 +61,78 @@ def encodable_rows(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.nda
     return mask, np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over uint64 arrays (wrapping arithmetic): every input bit moves
+    about half the output bits."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _position_keys(n: int) -> np.ndarray:
+    """Odd 64-bit multipliers, one per position in a row: uint64 (n,)."""
+    return _mix64(np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+
+
+def _label_keys(labels: pa.Array) -> np.ndarray:
+    """A 64-bit key per row's label (blake2b of its UTF-8 bytes; 0 for null): uint64 (n,)."""
+    encoded = labels.dictionary_encode()
+    keys = np.array([int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
+                     for v in encoded.dictionary.to_pylist()] + [0], np.uint64)
+    indices = encoded.indices.fill_null(len(encoded.dictionary)).to_numpy(zero_copy_only=False)
+    return keys[indices]
+
+
+def fingerprint(embeddings: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Fingerprint of each row's (embedding, label): int64 (n,), the code table's ``source_hash``.
+
+    embeddings: list<float> (any lengths, nulls allowed); labels: string. The embedding's float
+    bits, position by position, and its length (-1 for null) enter a wrapping sum with odd
+    per-position multipliers, mixed with the label's key. Any change of a value's bits, of the
+    length or of the label changes it (a 64-bit collision aside): incremental encode compares it
+    to find changed rows. Vectorized: about as fast as reading the floats once.
+    """
+    if isinstance(embeddings, pa.ChunkedArray):
+        embeddings = embeddings.combine_chunks()
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    n = len(embeddings)
+    offsets = embeddings.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    valid = np.ones(n, bool) if not embeddings.null_count else embeddings.is_valid().to_numpy(zero_copy_only=False)
+    bits = embeddings.values.cast(pa.float32()).fill_null(np.nan).to_numpy(zero_copy_only=False).view(np.uint32)
+    keys = _position_keys(int(lengths.max(initial=0)))
+    sums = np.zeros(n, np.uint64)
+    if n and valid.all() and (lengths == lengths[0]).all() and lengths[0]:
+        dim = int(lengths[0])
+        rows = bits[offsets[0]: offsets[-1]].reshape(n, dim)
+        for start in range(0, n, ENCODE_CHUNK_ROWS):
+            sums[start: start + ENCODE_CHUNK_ROWS] = rows[start: start + ENCODE_CHUNK_ROWS] @ keys  # uint64, wraps
+    elif n:
+        values = bits[offsets[0]: offsets[-1]].astype(np.uint64)
+        positions = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(values * keys[positions], dtype=np.uint64)])
+        sums = running[offsets[1:] - offsets[0]] - running[offsets[:-1] - offsets[0]]
+    sums[~valid] = 0  # a null row's offsets may still span values
+    lengths_key = np.where(valid, lengths, -1).astype(np.int64).view(np.uint64)
+    h = _mix64(sums ^ _mix64(lengths_key + np.uint64(0x632BE59BD9B4E019)))
+    return _mix64(h ^ _label_keys(labels)).view(np.int64)
+
+
+def select_splits(batch: pa.RecordBatch, splits: list[str] | tuple[str, ...]) -> pa.RecordBatch:
+    """The rows of a batch whose ``split`` is one of ``splits`` (every row when ``splits`` is empty)."""
+    if not splits:
+        return batch
+    keep = pc.fill_null(pc.is_in(batch.column("split"), pa.array(list(splits), pa.string())), False)
+    return batch if pc.all(keep).as_py() else batch.filter(keep)  # filtering copies every column
+
+
 def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> pa.RecordBatch:
-    """Rows (clip_id, label, source_hash, embedding) -> rows of ``schemas.ENCODED_DDL``, one per
-    encodable row (see ``encodable_rows``); the others are dropped here and found later by the
-    Spark layer as the rows without a code."""
+    """Rows (clip_id, label, embedding) -> rows of ``schemas.ENCODED_DDL`` (with the row's
+    ``fingerprint`` as source_hash), one per encodable row (see ``encodable_rows``); the others are
+    dropped here and found later by the Spark layer as the rows without a code."""
     missing = [c for c in ENCODE_INPUT_COLUMNS if c not in batch.schema.names]
     if missing:
         raise AudiohashError(f"encode batch: missing columns {missing} (has {batch.schema.names})")
@@ -70,12 +141,19 @@ def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> 
     for start in range(0, len(x), ENCODE_CHUNK_ROWS):
         codes[start: start + ENCODE_CHUNK_ROWS] = quantizer.encode(x[start: start + ENCODE_CHUNK_ROWS])
     keep = None if mask.all() else pa.array(mask)
-    clip_ids, labels, hashes = (batch.column(c) if keep is None else batch.column(c).filter(keep)
-                                for c in ("clip_id", "label", "source_hash"))
+    clip_ids, labels, embeddings = (batch.column(c) if keep is None else batch.column(c).filter(keep)
+                                    for c in ("clip_id", "label", "embedding"))
     return pa.RecordBatch.from_arrays(
-        [clip_ids, pa.array(shard_of(clip_ids.to_pylist(), n_shards), pa.int32()), binary_column(codes), labels, hashes],
+        [clip_ids, pa.array(shard_of(clip_ids.to_pylist(), n_shards), pa.int32()), binary_column(codes), labels,
+         pa.array(fingerprint(embeddings, labels), pa.int64())],
         names=ENCODED_COLUMNS,
     )
+
+
+def with_fingerprints(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch with (clip_id, label, embedding, ...) and its ``fingerprint`` appended as source_hash."""
+    return batch.append_column("source_hash", pa.array(fingerprint(batch.column("embedding"),
+                                                                   batch.column("label")), pa.int64()))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Arrow arrays throughout: a million Python strings per partition would cost more 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -18,11 +18,6 @@ from audiohash.arrow_arrays import code_matrix
 from audiohash.bundle import ModelBundle
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
-
-# Parquet bytes of code files one scan task reads at most when several tasks per core are needed
-# (Spark's spark.sql.files.maxPartitionBytes default; ~25 bytes per row once read).
-SCAN_TASK_BYTES = 128 << 20
-
 
 @dataclass
 class PartitionTopK:
@@ -48,41 +43,6 @@ def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, quer
     used, local = np.unique(I, return_inverse=True)
     return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids.take(pa.array(used)),
                          scanned_rows=len(codes))
-
-
-def direct_readable(min_reader_version: int, partition_columns: list[str], uris: list[str]) -> bool:
-    """Whether a code table version's data files can be read as plain Parquet by pyarrow: reader
-    protocol 1 (no deletion vectors, column mapping or type widening: the files' rows and columns
-    are the table's), clip_id and code stored in the files (not partition values), local files."""
-    return (min_reader_version == 1 and not {"clip_id", "code"} & set(partition_columns)
-            and all(uri.startswith("file:") for uri in uris))
-
-
-def read_code_files(uris: Iterable[str]) -> Iterator[pa.RecordBatch]:
-    """The (clip_id, code) record batches of Parquet data files, given as URIs (file:/...)."""
-    import pyarrow.parquet as pq
-    from pyarrow import fs
-
-    for uri in uris:
-        filesystem, path = fs.FileSystem.from_uri(uri)
-        yield from pq.read_table(path, columns=["clip_id", "code"], filesystem=filesystem).to_batches()
-
-
-def balance_files(sizes: list[int], cores: int, max_task_bytes: int = SCAN_TASK_BYTES) -> list[list[int]]:
-    """Indexes of data files (by byte size) grouped into scan tasks of similar total size: one task
-    per core while that keeps a task under ``max_task_bytes`` of files (a second wave of tasks
-    would leave cores idle behind a straggler), else whole waves of one task per core, so that a
-    task's rows fit its worker's memory. Largest file first, each to the lightest task so far;
-    a file is never split, and no task is empty."""
-    cores = max(1, cores)
-    waves = max(1, -(-sum(sizes) // (cores * max_task_bytes)))
-    groups: list[list[int]] = [[] for _ in range(max(1, min(cores * waves, len(sizes))))]
-    loads = [0] * len(groups)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        g = loads.index(min(loads))
-        groups[g].append(i)
-        loads[g] += sizes[i]
-    return [sorted(g) for g in groups if g]
 
 
 def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, query_side: np.ndarray,

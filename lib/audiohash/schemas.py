@@ -28,14 +28,14 @@ CODES_DDL = (
     "clip_id string, shard int, code binary, label string, model_name string, model_version int, "
     "embedding_version long, encoded_at timestamp, source_hash long, encode_run_id string"
 )
-# source_hash: Spark's xxhash64(embedding, label) of the row the code was made from; incremental
-# encode compares it with the embeddings table to find changed rows. encode_run_id: the MLflow
+# source_hash: ``encoding.fingerprint`` of the (embedding, label) the code was made from; incremental
+# encode compares it with the embeddings table's rows to find changed ones. encode_run_id: the MLflow
 # run of jobs/encode.py that wrote the row (lineage: that run names the model version and the
 # Delta versions it read and wrote).
 
 # What the encode worker returns per embedding row; the Spark layer adds the columns that are the
 # same for every row of a run (model, versions, time, run id) as literals.
-ENCODE_INPUT_COLUMNS = ["clip_id", "label", "source_hash", "embedding"]
+ENCODE_INPUT_COLUMNS = ["clip_id", "label", "embedding"]
 ENCODED_DDL = "clip_id string, shard int, code binary, label string, source_hash long"
 
 # One row per (partition, query batch) of the scan: arrays, never a row per candidate.

@@ -5,8 +5,12 @@ One run makes at most one commit to the code table, so a killed run leaves the t
 - full: every valid row of the embeddings table is encoded; the table is replaced in one commit
   (readers see the old index or the new one; the old one stays reachable by time travel).
 - incremental (``plan_encode``): only rows of files appended since the last encode, or rows whose
-  fingerprint (``source_hash`` = xxhash64(embedding, label)) differs from the code table's, are
-  encoded; they and the deletions are applied by one MERGE. Nothing changed: nothing is written.
+  fingerprint (``source_hash`` = ``encoding.fingerprint`` of embedding and label) differs from the
+  code table's, are encoded; they and the deletions are applied by one MERGE. Nothing changed:
+  nothing is written.
+Where the embeddings version is plain Parquet on local files (``table_files.direct_readable``),
+the encode tasks read its data files themselves with pyarrow and only the small code rows go
+through the JVM; otherwise the rows come from Spark's Delta reader.
 Each commit carries its ``Lineage`` as userMetadata; ``rollback_codes`` restores an older version
 together with its lineage, so the next incremental run starts from what was restored.
 """
@@ -15,14 +19,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
+from pyarrow import fs
 from pyspark import Accumulator, StorageLevel
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StructField, StructType
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import EncodePlan, Lineage, data_file, plan_encode
@@ -30,9 +37,12 @@ from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
 from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
                                     table_version)
+from audiohash.table_files import ENCODE_TASK_BYTES, balance_files, direct_readable
 
 log = logging.getLogger("audiohash.encode")
 CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
+# Columns an encode task reads from the embeddings files (the split to select rows).
+DIRECT_READ_COLUMNS = [*ENCODE_INPUT_COLUMNS, "split"]
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
@@ -70,7 +80,7 @@ class EncodeSummary:
 
 def read_rows(spark: SparkSession, embeddings_table: str, version: int, splits: list[str],
               files: tuple[str, ...] | None = None) -> DataFrame:
-    """The embeddings table at ``version`` (rows of ``splits``, all if empty), with source_hash.
+    """The embeddings table at ``version`` (rows of ``splits``, all if empty), from Spark's reader.
 
     files: Delta log paths of data files: read those only. They are read as Parquet directly,
     since Delta's reader would scan every file (it does not prune by file name); the planner
@@ -82,21 +92,67 @@ def read_rows(spark: SparkSession, embeddings_table: str, version: int, splits: 
         rows = spark.read.schema(rows.schema).parquet(*[data_file(embeddings_table, f) for f in files])
     if splits:
         rows = rows.filter(F.col("split").isin(list(splits)))
-    return rows.withColumn("source_hash", F.xxhash64("embedding", "label"))
+    return rows
 
 
-def encode_frame(rows: DataFrame, bundle: ModelBundle, n_shards: int) -> tuple[DataFrame, Accumulator]:
-    """Rows (clip_id, label, source_hash, embedding) -> ``ENCODED_DDL`` rows, in the executors.
+def fingerprinted(rows: DataFrame) -> DataFrame:
+    """Embedding rows with ``source_hash`` (``encoding.fingerprint``) appended, computed in the
+    executors: for comparing a table's rows with the code table's."""
+    schema = StructType([*rows.schema.fields, StructField("source_hash", LongType())])  # .add() would edit rows'
+
+    def add_fingerprints(batches):
+        from audiohash.encoding import with_fingerprints
+
+        for batch in batches:
+            yield with_fingerprints(batch)
+
+    return rows.mapInArrow(add_fingerprints, schema)
+
+
+@dataclass
+class EmbeddingRows:
+    """The embedding rows an encode run reads: ``frame`` (Spark's reader: counts, rejects) and,
+    when the tasks can read the files themselves, ``file_groups`` (URIs per task)."""
+
+    frame: DataFrame
+    splits: tuple[str, ...]
+    file_groups: list[list[str]] | None = None
+
+
+def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, splits: list[str],
+                   min_reader_version: int, partition_columns: list[str],
+                   files: tuple[str, ...] | None = None, direct_read: bool = True) -> EmbeddingRows:
+    """The rows to encode (see ``read_rows``), with the file groups of a direct read where the
+    version's files qualify (``table_files.direct_readable``): one task per core, each at most
+    ``ENCODE_TASK_BYTES`` of files, streamed in batches."""
+    frame = read_rows(spark, embeddings_table, version, splits, files)
+    rows = EmbeddingRows(frame, tuple(splits))
+    if direct_read and min_reader_version == 1:
+        uris = frame.inputFiles()  # this version's files (or the given ones), fully qualified
+        if direct_readable(min_reader_version, partition_columns, uris, DIRECT_READ_COLUMNS):
+            sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
+            task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+            cores = max(1, spark.sparkContext.defaultParallelism // task_cpus)
+            rows.file_groups = [[uris[i] for i in g] for g in balance_files(sizes, cores, ENCODE_TASK_BYTES)]
+    log.info("encode reads %s", f"{sum(map(len, rows.file_groups))} files in {len(rows.file_groups)} tasks"
+             if rows.file_groups is not None else "rows from Spark's Delta reader")
+    return rows
+
+
+def encode_frame(rows: EmbeddingRows | DataFrame, bundle: ModelBundle, n_shards: int,
+                 batch_rows: int = 65536) -> tuple[DataFrame, Accumulator]:
+    """Embedding rows -> ``ENCODED_DDL`` rows, encoded in the executors (``encoding.encode_batch``).
 
     Also returns an accumulator of the rows the workers left out (bad embeddings): once the
     frame has been computed, a non-zero value says a rejects listing is due.
     """
-    spark = rows.sparkSession
+    frame = rows if isinstance(rows, DataFrame) else rows.frame
+    spark = frame.sparkSession
     payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
     left_out = spark.sparkContext.accumulator(0)
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
 
-    def encode_partition(batches):
+    def encode_batches(batches):
         from audiohash.bundle import cached_bundle_from_bytes
         from audiohash.encoding import encode_batch
 
@@ -108,7 +164,20 @@ def encode_frame(rows: DataFrame, bundle: ModelBundle, n_shards: int) -> tuple[D
                 left_out.add(batch.num_rows - out.num_rows)
             yield out
 
-    return rows.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_partition, ENCODED_DDL), left_out
+    if isinstance(rows, DataFrame) or rows.file_groups is None:
+        return frame.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_batches, ENCODED_DDL), left_out
+    groups, splits = rows.file_groups, rows.splits
+
+    def encode_files(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
+        from audiohash.encoding import select_splits
+        from audiohash.table_files import read_parquet_files
+
+        for task in tasks:
+            for i in task.column("id").to_pylist():
+                batches = read_parquet_files(groups[i], DIRECT_READ_COLUMNS, batch_rows)
+                yield from encode_batches(select_splits(b, splits).select(ENCODE_INPUT_COLUMNS) for b in batches)
+
+    return spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_files, ENCODED_DDL), left_out
 
 
 def code_rows(encoded: DataFrame, lineage: Lineage, encoded_at: dt.datetime) -> DataFrame:
@@ -179,9 +248,9 @@ def changed_rows(rows: DataFrame, codes_table: str) -> DataFrame:
     current = (rows.sparkSession.read.format("delta").load(codes_table)
                .select("clip_id", F.col("source_hash").alias("coded_hash")))
     # The code table's keys (tens of bytes per clip) are broadcast: no shuffle of the embeddings.
-    joined = rows.select(*ENCODE_INPUT_COLUMNS).join(F.broadcast(current), on="clip_id", how="left")
+    joined = fingerprinted(rows.select(*ENCODE_INPUT_COLUMNS)).join(F.broadcast(current), on="clip_id", how="left")
     changed = F.col("coded_hash").isNull() | (F.col("coded_hash") != F.col("source_hash"))
-    return joined.select("clip_id", "label", "source_hash", changed.alias("changed"),
+    return joined.select("clip_id", "label", changed.alias("changed"),
                          F.when(changed, F.col("embedding")).alias("embedding"))
 
 
@@ -208,6 +277,7 @@ def write_rejects(rows: DataFrame, codes_table: str, codes_version: int, bundle:
     dim = bundle.quantizer.input_dim
     coded = (rows.sparkSession.read.format("delta").option("versionAsOf", codes_version).load(codes_table)
              .select("clip_id", "source_hash"))
+    rows = fingerprinted(rows.select("path", "clip_id", "label", "embedding", "extractor_version"))
     rejected = rows.join(coded, on=["clip_id", "source_hash"], how="left_anti").select(
         "path", "clip_id", F.lit("encode").alias("stage"), F.lit("bad_embedding").alias("reason"),
         F.concat(F.lit("clip "), F.col("clip_id"), F.lit(": embedding has "),
@@ -238,9 +308,10 @@ class _Written:
 def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str, codes_table: str,
                  rejects_table: str, n_shards: int, splits: list[str], mode: str = "incremental",
                  run_id: str = "", model_run_id: str = "", embeddings_version: int | None = None,
-                 batch_rows: int = 65536) -> EncodeSummary:
+                 batch_rows: int = 65536, direct_read: bool = True) -> EncodeSummary:
     """Bring the code table up to date with the embeddings table (latest or ``embeddings_version``)
-    for ``bundle``; at most one commit. See the module docstring for the modes."""
+    for ``bundle``; at most one commit. See the module docstring for the modes; ``direct_read``
+    False makes every read go through Spark's Delta reader."""
     started = time.time()
     if not table_exists(spark, embeddings_table):
         raise AudiohashError(f"embeddings table {embeddings_table} does not exist; run jobs/extract.py first")
@@ -263,12 +334,16 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
     plan = plan_encode(requested, current, mode, actions)
     log.info("encode plan: %s (%s)", plan.mode, plan.reason)
 
+    def read(files: tuple[str, ...] | None = None) -> EmbeddingRows:
+        return embedding_rows(spark, embeddings_table, version, splits, detail["minReaderVersion"],
+                              detail["partitionColumns"], files, direct_read)
+
     written = _Written(None, reason=plan.reason)
     if plan.mode != "none":
         # One writer per shard open at once: a task's rows need no sort by shard before the write.
         with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows),
                                   "spark.sql.maxConcurrentOutputFileWriters": str(n_shards)}):
-            written = WRITERS[plan.mode](spark, plan, bundle, codes_table, requested)
+            written = WRITERS[plan.mode](spark, plan, bundle, codes_table, requested, read, batch_rows)
     if written.version is None:
         return EncodeSummary(plan.mode, written.reason, 0, 0, 0, time.time() - started, version, previous, previous)
     rejected = 0
@@ -280,9 +355,11 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
                          time.time() - started, version, written.version, previous)
 
 
-def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
-    rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
-    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards)
+# The writers: (spark, plan, bundle, codes table, lineage to commit, read(files) -> EmbeddingRows,
+# rows per Arrow batch) -> _Written.
+def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
+          read, batch_rows: int) -> _Written:
+    encoded, left_out = encode_frame(read(), bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
     # One task per shard writes it: one file per shard, whatever the number of input files.
     codes = codes.repartition(lineage.n_shards, "shard")
@@ -291,10 +368,10 @@ def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_tabl
     return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
 
 
-def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
-    rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits),
-                     plan.added_files)
-    ids = rows.select("clip_id")
+def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
+            read, batch_rows: int) -> _Written:
+    rows = read(plan.added_files)
+    ids = rows.frame.select("clip_id")
     n_rows, n_clips = ids.agg(F.count(F.lit(1)), F.countDistinct("clip_id")).first()
     if n_rows == 0:
         return _Written(None, reason=f"{plan.reason}, but none of their rows is in splits {list(lineage.splits)}")
@@ -305,7 +382,7 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
                              f"be unique (delete the duplicate rows, or re-extract)")
     coded = spark.read.format("delta").load(codes_table).select("clip_id")
     known = coded.join(F.broadcast(ids), on="clip_id", how="left_semi").count()
-    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards)
+    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
     if known:  # some appended clips already have a code: replace those rows
         version, n_codes, _ = merge_codes(spark, codes_table, codes.withColumn("_delete", F.lit(False)), lineage)
@@ -316,12 +393,15 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
     return _Written(version, n_codes, 0, left_out.value > 0, plan.reason)
 
 
-def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage) -> _Written:
+def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
+             read, batch_rows: int) -> _Written:
+    # Every row is compared with its code row in the JVM: Spark's reader feeds the join.
     rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
     # One scan of the embeddings; only the changed rows keep their embedding, so this stays small.
     keyed = changed_rows(rows, codes_table).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        encoded, left_out = encode_frame(keyed.filter("changed").drop("changed"), bundle, lineage.n_shards)
+        encoded, left_out = encode_frame(keyed.filter("changed").drop("changed"), bundle, lineage.n_shards,
+                                         batch_rows)
         upserts = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc)).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             # A clip keeps its code if its row is unchanged or was just encoded; every other code goes

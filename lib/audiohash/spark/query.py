@@ -20,12 +20,13 @@ from pyspark.sql import SparkSession
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.errors import AudiohashError
-from audiohash.ranking import (balance_files, check_models, direct_readable, merge_topk, partition_record,
-                               partitions_from_table, plan_query_batches, read_code_files, scan_partition)
+from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
+                               scan_partition)
 from audiohash.schemas import SCAN_OUTPUT_DDL
 from audiohash.spark.encode import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import session_conf, set_worker_threads
+from audiohash.table_files import balance_files, direct_readable, read_parquet_files
 
 log = logging.getLogger("audiohash.query")
 # Rows per Arrow batch sent to a scan task: fewer, larger batches cut the per-batch overhead of
@@ -45,7 +46,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     ``stats``, if given, receives every scan task's rows and seconds (one record per partition
     and query batch, from successful task attempts only).
 
-    Where the table version is plain Parquet on local files (``ranking.direct_readable``), each
+    Where the table version is plain Parquet on local files (``table_files.direct_readable``), each
     scan task reads its share of the version's data files itself with pyarrow: moving the rows
     from the JVM through Spark's row-to-Arrow conversion cost a scan task more than a tenth of
     its time. Otherwise (``direct_read`` False, deletion vectors, remote storage) the tasks get
@@ -73,7 +74,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     groups = None  # data files per scan task, when the tasks read them directly
     if direct_read and detail["minReaderVersion"] == 1:
         uris = codes.inputFiles()  # the files of this version: the listing Spark's scan would make
-        if direct_readable(detail["minReaderVersion"], detail["partitionColumns"], uris):
+        if direct_readable(detail["minReaderVersion"], detail["partitionColumns"], uris, ["clip_id", "code"]):
             cores = max(1, sc.defaultParallelism // task_cpus)  # tasks that run at once
             sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
             groups = [[uris[i] for i in group] for group in balance_files(sizes, cores)] or [[]]
@@ -103,7 +104,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             def scan_files(batches, scan=scan):
                 for batch in batches:
                     for task in batch.column("id").to_pylist():
-                        yield partition_record(scan(read_code_files(groups[task])))
+                        yield partition_record(scan(read_parquet_files(groups[task], ["clip_id", "code"])))
 
             rows = spark.range(0, len(groups), 1, len(groups)).mapInArrow(scan_files, SCAN_OUTPUT_DDL)
         else:

@@ -1,0 +1,59 @@
+"""Reading a Delta table version's data files without the JVM: which versions qualify, how their
+files are grouped into tasks, and the reader (pyarrow) a task runs over its group.
+
+Moving rows from Spark's reader into Python workers costs more than reading the same Parquet
+files with pyarrow (benchmarks/embedding_transfer.py; the query scan and the encode read both
+measured it), so where a version's files hold exactly its rows the tasks read them directly.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+# Parquet bytes one task reads at most when several tasks per core are needed: the query scan
+# holds a task's codes in memory (Spark's spark.sql.files.maxPartitionBytes default); the encode
+# read streams its rows in batches, so its tasks can be larger (fewer, larger code files).
+SCAN_TASK_BYTES = 128 << 20
+ENCODE_TASK_BYTES = 1 << 30
+
+
+def direct_readable(min_reader_version: int, partition_columns: list[str], uris: list[str],
+                    columns: Iterable[str]) -> bool:
+    """Whether a table version's data files can be read as plain Parquet by pyarrow: reader
+    protocol 1 (no deletion vectors, column mapping or type widening: the files' rows and columns
+    are the table's), ``columns`` stored in the files (not partition values), local files."""
+    return (min_reader_version == 1 and not set(columns) & set(partition_columns)
+            and all(uri.startswith("file:") for uri in uris))
+
+
+def read_parquet_files(uris: Iterable[str], columns: list[str], batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``columns`` of Parquet data files, given as URIs (file:/...): each
+    file whole (``batch_rows`` None) or streamed in batches of at most ``batch_rows`` rows."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    for uri in uris:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        if batch_rows is None:
+            yield from pq.read_table(path, columns=columns, filesystem=filesystem).to_batches()
+        else:
+            with pq.ParquetFile(filesystem.open_input_file(path)) as parquet:
+                yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def balance_files(sizes: list[int], cores: int, max_task_bytes: int = SCAN_TASK_BYTES) -> list[list[int]]:
+    """Indexes of data files (by byte size) grouped into tasks of similar total size: one task
+    per core while that keeps a task under ``max_task_bytes`` of files (a second wave of tasks
+    would leave cores idle behind a straggler), else whole waves of one task per core, so that a
+    task's rows fit its worker's memory. Largest file first, each to the lightest task so far;
+    a file is never split, and no task is empty."""
+    cores = max(1, cores)
+    waves = max(1, -(-sum(sizes) // (cores * max_task_bytes)))
+    groups: list[list[int]] = [[] for _ in range(max(1, min(cores * waves, len(sizes))))]
+    loads = [0] * len(groups)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += sizes[i]
+    return [sorted(g) for g in groups if g]
