@@ -4,20 +4,20 @@
 
 Embeddings: the real logmel embeddings of the GM benchmark dataset (real_data.py, full size),
 replicated with small noise to n rows and written once as a Delta embeddings table under
-benchmarks/.cache, reused by later runs: version 0 holds the n rows, version 1 appends n/100 new
-clips (what a nightly incremental run sees). For PQ and DQN at 64 bits, fitted on the real db
-split, it times in one run:
+benchmarks/.cache, reused by later runs (its latest version holds the n rows). For PQ and DQN at
+64 bits, fitted on the real db split, it times in one run:
   (a) ours_s: the encode stage on local[2] (spark/encode.py ``encode_codes``, full mode) from the
-      embeddings table (version 0) to the committed Delta code table: the tasks read the version's
-      Parquet files (or Spark's reader feeds them, where the files do not qualify: "read" in the
+      embeddings table's latest version to the committed Delta code table: the tasks read the
+      version's Parquet files (or Spark's reader feeds them, where the files do not qualify: "read" in the
       JSON), torch forward + faiss encode there, code rows by shard, one Delta commit. Session
       start and bundle loading are excluded; the Python workers are started by an untimed run on a
       tiny table;
   (b) reference_s: the same quantizer's ``encode`` over the same rows as an in-memory float32
       array, in chunks of ``encoding.ENCODE_CHUNK_ROWS`` rows (what each worker's encode call
       gets too), torch and faiss on 2 threads;
-  then incremental_s: the incremental run on version 1 (1% new clips: encoded and MERGEd), and
-  noop_s: the rerun with nothing changed (writes nothing).
+  then incremental_s: the incremental run after n/100 new clips were appended (untimed): they are
+  encoded and appended; and noop_s: the rerun with nothing changed (writes nothing). The table is
+  then restored to its n rows (a Delta RESTORE, untimed).
 Writes a JSON list, one object per method: {"n", "method", "ours_s", "reference_s", "ratio"
 (ours_s / reference_s), "clips_per_s" (n / ours_s), "incremental_s", "incremental_fraction"
 (incremental_s / ours_s), "noop_s", "codes_equal" (our codes == the reference's), ...}.
@@ -47,7 +47,7 @@ log = logging.getLogger("benchmarks.encode_speed")
 CHUNK = 100_000  # rows generated per task; the reference array is built from the same chunks
 BITS = 64
 DQN_HYPER = {"steps": 300, "warmup_steps": 100}  # training length only; the network is the default one
-EMBEDDINGS_FORMAT = 2  # bump when the generated table changes
+EMBEDDINGS_FORMAT = 3  # bump when the generated table changes
 
 
 def chunk_rows(x_base: np.ndarray, labels: np.ndarray, start: int, stop: int, seed: int) -> tuple[list, np.ndarray, list]:
@@ -71,39 +71,52 @@ def arrow_rows(ids: list, x: np.ndarray, labels: list) -> pa.RecordBatch:
     })
 
 
-def build_embeddings(spark, x_base: np.ndarray, labels: np.ndarray, n: int, path: str) -> None:
-    """Version 0: rows 0..n-1; version 1: rows n..n+n/100-1 appended (other noise). Generated in the
-    executors, one file per chunk of 100,000 rows (~50 MB, like the extract job's task outputs);
-    reused when present."""
+def write_rows(spark, x_base: np.ndarray, labels: np.ndarray, first: int, stop: int, seed: int, path: str) -> int:
+    """Append rows first..stop-1 of the replicated table in one commit; returns the new version.
+    Generated in the executors, one file per chunk of 100,000 rows (~50 MB, like the extract
+    job's task outputs)."""
+    from pyspark import cloudpickle
+
+    import real_data
     from audiohash.schemas import EMBEDDINGS_DDL
-    from audiohash.spark.tables import table_exists
+    from audiohash.spark.tables import table_version
+
+    for module in {real_data, sys.modules[__name__]} - {sys.modules["__main__"]}:
+        cloudpickle.register_pickle_by_value(module)  # the executors cannot import benchmarks/
+
+    def chunks(batches):
+        for batch in batches:
+            for chunk in batch.column("id").to_pylist():
+                start = first + chunk * CHUNK
+                yield arrow_rows(*chunk_rows(x_base, labels, start, min(start + CHUNK, stop), seed))
+
+    n_chunks = -(-(stop - first) // CHUNK)
+    (spark.range(n_chunks, numPartitions=n_chunks).mapInArrow(chunks, EMBEDDINGS_DDL)
+     .write.format("delta").mode("append").save(path))
+    return table_version(spark, path)
+
+
+def build_embeddings(spark, x_base: np.ndarray, labels: np.ndarray, n: int, path: str) -> int:
+    """A Delta embeddings table whose latest version holds rows 0..n-1 (version 0, or a restore
+    of it), reused when present; returns that version. The benchmark appends the new clips of the
+    incremental run itself and restores the table afterwards, so that the timed full runs read
+    the latest version, as the encode job does (time travel to an older version costs a snapshot
+    of its own: about 1 s more at 1M rows)."""
+    from delta.tables import DeltaTable
+
+    from audiohash.spark.tables import table_exists, table_version
 
     marker = Path(path) / "_benchmark.json"
     key = {"n": n, "format": EMBEDDINGS_FORMAT, "base_rows": len(x_base)}
     if table_exists(spark, path) and marker.exists() and json.loads(marker.read_text()) == key:
-        return
+        if spark.read.format("delta").load(path).count() != n:  # a run stopped before restoring it
+            DeltaTable.forPath(spark, path).restoreToVersion(0)
+        return table_version(spark, path)
     shutil.rmtree(path, ignore_errors=True)
-    from pyspark import cloudpickle
-
-    import real_data
-
-    for module in {real_data, sys.modules[__name__]} - {sys.modules["__main__"]}:
-        cloudpickle.register_pickle_by_value(module)  # the executors cannot import benchmarks/
-    log.info("writing a Delta embeddings table of %d + %d rows at %s", n, n // 100, path)
-
-    def generate(first: int, stop: int, seed: int):
-        def chunks(batches):
-            for batch in batches:
-                for chunk in batch.column("id").to_pylist():
-                    start = first + chunk * CHUNK
-                    yield arrow_rows(*chunk_rows(x_base, labels, start, min(start + CHUNK, stop), seed))
-        return chunks
-
-    for first, stop, seed in ((0, n, 0), (n, n + n // 100, 1)):
-        n_chunks = -(-(stop - first) // CHUNK)
-        (spark.range(n_chunks, numPartitions=n_chunks).mapInArrow(generate(first, stop, seed), EMBEDDINGS_DDL)
-         .write.format("delta").mode("append").save(path))
+    log.info("writing a Delta embeddings table of %d rows at %s", n, path)
+    version = write_rows(spark, x_base, labels, 0, n, 0, path)
     marker.write_text(json.dumps(key))
+    return version
 
 
 def reference_matrix(x_base: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -136,9 +149,13 @@ def fit(method: str, data) -> ModelBundle:
 
 def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: str, x_ref: np.ndarray,
                repeats: int) -> dict:
+    from delta.tables import DeltaTable
+
     from audiohash.arrow_arrays import code_matrix
     from audiohash.spark.encode import embedding_rows, encode_codes
 
+    _, db_labels, x_db = data.split("db")
+    base = build_embeddings(spark, x_db, db_labels, n, embeddings)
     bundle = fit(method, data)
     work = Path(tempfile.mkdtemp(prefix=f"encode-{method}-", dir=CACHE))
     try:
@@ -149,28 +166,33 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
             shutil.rmtree(work / "codes", ignore_errors=True)
             started = time.perf_counter()
             summary = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
-                                   "full", embeddings_version=0)
+                                   "full", embeddings_version=base)
             ours_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             ref_codes = reference_encode(bundle.quantizer, x_ref)
             ref_times.append(time.perf_counter() - started)
         assert summary.encoded == n, summary.line()
-        # The nightly rerun: 1% new clips appended (version 1), then nothing new.
-        started = time.perf_counter()
-        incremental = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
-                                   "incremental", embeddings_version=1)
-        incremental_s = time.perf_counter() - started
-        started = time.perf_counter()
-        noop = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
-                            "incremental", embeddings_version=1)
-        noop_s = time.perf_counter() - started
+        # The nightly rerun: 1% new clips appended (untimed), then nothing new; the table is then
+        # restored to its n rows.
+        appended = write_rows(spark, x_db, db_labels, n, n + n // 100, 1, embeddings)
+        try:
+            started = time.perf_counter()
+            incremental = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8,
+                                       ["db"], "incremental", embeddings_version=appended)
+            incremental_s = time.perf_counter() - started
+            started = time.perf_counter()
+            noop = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
+                                "incremental", embeddings_version=appended)
+            noop_s = time.perf_counter() - started
+        finally:
+            DeltaTable.forPath(spark, embeddings).restoreToVersion(base)
         assert incremental.mode == "append" and incremental.encoded == n // 100, incremental.line()
         assert not noop.wrote, noop.line()
         codes = spark.read.format("delta").option("versionAsOf", 0).load(str(work / "codes"))
         table = codes.select("clip_id", "code").orderBy("clip_id").toArrow()
         same = (code_matrix(table.column("code"), bundle.quantizer.code_size) == ref_codes).all(axis=1)
         n_files = len(codes.inputFiles())
-        direct = embedding_rows(spark, embeddings, 0, ["db"], 1, []).file_groups is not None
+        direct = embedding_rows(spark, embeddings, base, ["db"], 1, []).file_groups is not None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours_s, reference_s = statistics.median(ours_times), statistics.median(ref_times)
