@@ -287,6 +287,10 @@ def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplo
                                .select("clip_id", "shard", "code", "label", "source_hash").toPandas()
                                .set_index("clip_id").sort_index())
     pd.testing.assert_frame_equal(tables[True], tables[False])
+    # No split named: every row, and the tasks do not read the split column.
+    every = encode_codes(spark, bundle, cfg.lake.table("embeddings"), str(lake / "codes-every-split"),
+                         cfg.lake.table("rejects"), N_SHARDS, [], "full")
+    assert every.encoded == N_DB + N_QUERY
     assert tables[True]["source_hash"].is_unique
     assert_codes_match(tables[True].assign(model_version=1, model_name="audiohash-pq-32b"),
                        expected_codes(spark, cfg, 1), 1)

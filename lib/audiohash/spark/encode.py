@@ -41,7 +41,7 @@ from audiohash.table_files import ENCODE_TASK_BYTES, balance_files, direct_reada
 
 log = logging.getLogger("audiohash.encode")
 CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
-# Columns an encode task reads from the embeddings files (the split to select rows).
+# Columns an encode task reads from the embeddings files (the split too, to select rows by it).
 DIRECT_READ_COLUMNS = [*ENCODE_INPUT_COLUMNS, "split"]
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
@@ -113,6 +113,11 @@ def fingerprinted(rows: DataFrame) -> DataFrame:
     return rows.mapInArrow(add_fingerprints, schema)
 
 
+def _direct_columns(splits) -> list[str]:
+    """Columns an encode task reads from the files: the split only to select rows by it."""
+    return DIRECT_READ_COLUMNS if splits else ENCODE_INPUT_COLUMNS
+
+
 @dataclass
 class EmbeddingRows:
     """The embedding rows an encode run reads: ``frame`` (Spark's reader: counts, rejects) and,
@@ -133,7 +138,7 @@ def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, spl
     rows = EmbeddingRows(frame, tuple(splits))
     if direct_read and min_reader_version == 1:
         uris = frame.inputFiles()  # this version's files (or the given ones), fully qualified
-        if direct_readable(min_reader_version, partition_columns, uris, DIRECT_READ_COLUMNS):
+        if direct_readable(min_reader_version, partition_columns, uris, _direct_columns(splits)):
             sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
             task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
             cores = max(1, spark.sparkContext.defaultParallelism // task_cpus)
@@ -178,7 +183,7 @@ def encode_frame(rows: EmbeddingRows | DataFrame, bundle: ModelBundle, n_shards:
 
         for task in tasks:
             for i in task.column("id").to_pylist():
-                batches = read_parquet_files(groups[i], DIRECT_READ_COLUMNS, batch_rows)
+                batches = read_parquet_files(groups[i], _direct_columns(splits), batch_rows)
                 yield from encode_batches(select_splits(b, splits).select(ENCODE_INPUT_COLUMNS) for b in batches)
 
     return spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_files, ENCODED_DDL), left_out
