@@ -181,24 +181,6 @@ def test_code_files_read_directly_rank_like_the_batches(pq_setup, tmp_path):
     assert merge_topk([from_files], 30)[1].tolist() == merge_topk([from_batches], 30)[1].tolist()
 
 
-def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
-    from audiohash.table_files import balance_files, direct_readable
-
-    local = ["file:/lake/codes/shard=0/a.parquet", "file:/lake/codes/shard=1/b.parquet"]
-    assert direct_readable(1, ["shard"], local, ["clip_id", "code"])
-    assert not direct_readable(3, ["shard"], local, ["clip_id", "code"])  # deletion vectors, column mapping, ...
-    assert not direct_readable(1, ["clip_id"], local, ["clip_id", "code"])  # a column that is no file's
-    assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"], ["clip_id", "code"])
-    sizes = [5, 1, 4, 2, 3, 3]
-    groups = balance_files(sizes, 2)  # small: one task per core
-    assert sorted(i for g in groups for i in g) == list(range(6))
-    assert [sum(sizes[i] for i in g) for g in groups] == [9, 9]
-    assert balance_files([7, 7], 4) == [[0], [1]] and balance_files([], 2) == []
-    # Large: whole waves of tasks of at most max_task_bytes (when the files allow).
-    assert len(balance_files(sizes, 2, max_task_bytes=5)) == 4
-    assert len(balance_files([3] * 12, 2, max_task_bytes=10)) == 4
-
-
 WORKER_WITHOUT_TORCH = """
 import sys
 import numpy as np

@@ -1,0 +1,38 @@
+"""Reading a Delta version's data files without the JVM: eligibility, task groups, the reader."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audiohash.table_files import balance_files, direct_readable, read_parquet_files
+
+
+def test_direct_reads_only_plain_local_parquet_and_balance_the_files():
+    local = ["file:/lake/codes/shard=0/a.parquet", "file:/lake/codes/shard=1/b.parquet"]
+    assert direct_readable(1, ["shard"], local, ["clip_id", "code"])
+    assert not direct_readable(3, ["shard"], local, ["clip_id", "code"])  # deletion vectors, column mapping, ...
+    assert not direct_readable(1, ["clip_id"], local, ["clip_id", "code"])  # a column that is no file's
+    assert not direct_readable(1, [], local + ["s3a://bucket/codes/c.parquet"], ["clip_id", "code"])
+    sizes = [5, 1, 4, 2, 3, 3]
+    groups = balance_files(sizes, 2)  # small: one task per core
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert [sum(sizes[i] for i in g) for g in groups] == [9, 9]
+    assert balance_files([7, 7], 4) == [[0], [1]] and balance_files([], 2) == []
+    # Large: whole waves of tasks of at most max_task_bytes (when the files allow).
+    assert len(balance_files(sizes, 2, max_task_bytes=5)) == 4
+    assert len(balance_files([3] * 12, 2, max_task_bytes=10)) == 4
+
+
+def test_read_parquet_files_whole_or_streamed_gives_the_same_rows(tmp_path):
+    uris, expected = [], []
+    for n, rows in enumerate([250, 0, 1031]):  # an empty file too; a name Spark would URL-encode
+        table = pa.table({"clip_id": [f"f{n}-{i}" for i in range(rows)], "x": np.arange(rows, dtype=np.int64),
+                          "unused": np.zeros(rows)})
+        path = tmp_path / f"part {n}.parquet"
+        pq.write_table(table, path, row_group_size=400)
+        uris.append("file:" + str(path).replace(" ", "%20"))
+        expected += table.column("clip_id").to_pylist()
+    whole = list(read_parquet_files(uris, ["clip_id", "x"]))
+    streamed = list(read_parquet_files(uris, ["clip_id", "x"], batch_rows=100))
+    assert max(b.num_rows for b in streamed) == 100 and all(b.schema.names == ["clip_id", "x"] for b in streamed)
+    for batches in (whole, streamed):
+        assert [v for b in batches for v in b.column("clip_id").to_pylist()] == expected
