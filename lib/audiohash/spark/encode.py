@@ -19,12 +19,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyarrow import fs
 from pyspark import Accumulator, StorageLevel
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
@@ -35,14 +33,12 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import EncodePlan, Lineage, data_file, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
-                                    table_version)
-from audiohash.table_files import ENCODE_TASK_BYTES, balance_files, direct_readable
+from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, session_conf,
+                                    set_worker_threads, table_exists, table_version)
+from audiohash.table_files import ENCODE_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
 CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
-# Columns an encode task reads from the embeddings files (the split too, to select rows by it).
-DIRECT_READ_COLUMNS = [*ENCODE_INPUT_COLUMNS, "split"]
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
@@ -114,8 +110,8 @@ def fingerprinted(rows: DataFrame) -> DataFrame:
 
 
 def _direct_columns(splits) -> list[str]:
-    """Columns an encode task reads from the files: the split only to select rows by it."""
-    return DIRECT_READ_COLUMNS if splits else ENCODE_INPUT_COLUMNS
+    """Columns an encode task reads from the embeddings files: the split only to select rows by it."""
+    return [*ENCODE_INPUT_COLUMNS, "split"] if splits else ENCODE_INPUT_COLUMNS
 
 
 @dataclass
@@ -136,27 +132,22 @@ def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, spl
     ``ENCODE_TASK_BYTES`` of files, streamed in batches."""
     frame = read_rows(spark, embeddings_table, version, splits, files)
     rows = EmbeddingRows(frame, tuple(splits))
-    if direct_read and min_reader_version == 1:
-        uris = frame.inputFiles()  # this version's files (or the given ones), fully qualified
-        if direct_readable(min_reader_version, partition_columns, uris, _direct_columns(splits)):
-            sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
-            task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-            cores = max(1, spark.sparkContext.defaultParallelism // task_cpus)
-            rows.file_groups = [[uris[i] for i in g] for g in balance_files(sizes, cores, ENCODE_TASK_BYTES)]
+    if direct_read:
+        rows.file_groups = direct_read_groups(frame, min_reader_version, partition_columns,
+                                              _direct_columns(splits), ENCODE_TASK_BYTES)
     log.info("encode reads %s", f"{sum(map(len, rows.file_groups))} files in {len(rows.file_groups)} tasks"
              if rows.file_groups is not None else "rows from Spark's Delta reader")
     return rows
 
 
-def encode_frame(rows: EmbeddingRows | DataFrame, bundle: ModelBundle, n_shards: int,
+def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
                  batch_rows: int = 65536) -> tuple[DataFrame, Accumulator]:
     """Embedding rows -> ``ENCODED_DDL`` rows, encoded in the executors (``encoding.encode_batch``).
 
     Also returns an accumulator of the rows the workers left out (bad embeddings): once the
     frame has been computed, a non-zero value says a rejects listing is due.
     """
-    frame = rows if isinstance(rows, DataFrame) else rows.frame
-    spark = frame.sparkSession
+    spark = rows.frame.sparkSession
     payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
     left_out = spark.sparkContext.accumulator(0)
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
@@ -173,8 +164,8 @@ def encode_frame(rows: EmbeddingRows | DataFrame, bundle: ModelBundle, n_shards:
                 left_out.add(batch.num_rows - out.num_rows)
             yield out
 
-    if isinstance(rows, DataFrame) or rows.file_groups is None:
-        return frame.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_batches, ENCODED_DDL), left_out
+    if rows.file_groups is None:
+        return rows.frame.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_batches, ENCODED_DDL), left_out
     groups, splits = rows.file_groups, rows.splits
 
     def encode_files(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
@@ -416,8 +407,8 @@ def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_t
     # One scan of the embeddings; only the changed rows keep their embedding, so this stays small.
     keyed = changed_rows(rows, codes_table).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        encoded, left_out = encode_frame(keyed.filter("changed").drop("changed"), bundle, lineage.n_shards,
-                                         batch_rows)
+        changed = EmbeddingRows(keyed.filter("changed").drop("changed"), lineage.splits)
+        encoded, left_out = encode_frame(changed, bundle, lineage.n_shards, batch_rows)
         upserts = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc)).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             # A clip keeps its code if its row is unchanged or was just encoded; every other code goes

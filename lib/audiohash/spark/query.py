@@ -8,14 +8,12 @@ times less to ship than the tables themselves).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from delta.tables import DeltaTable
-from pyarrow import fs
 from pyspark.sql import SparkSession
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
@@ -25,8 +23,8 @@ from audiohash.ranking import (check_models, merge_topk, partition_record, parti
 from audiohash.schemas import SCAN_OUTPUT_DDL
 from audiohash.spark.encode import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
-from audiohash.spark.tables import session_conf, set_worker_threads
-from audiohash.table_files import balance_files, direct_readable, read_parquet_files
+from audiohash.spark.tables import direct_read_groups, session_conf, set_worker_threads
+from audiohash.table_files import SCAN_TASK_BYTES, read_parquet_files
 
 log = logging.getLogger("audiohash.query")
 # Rows per Arrow batch sent to a scan task: fewer, larger batches cut the per-batch overhead of
@@ -72,14 +70,13 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
               .select("numFiles", "minReaderVersion", "partitionColumns").first())
     n_files = detail["numFiles"]
     groups = None  # data files per scan task, when the tasks read them directly
-    if direct_read and detail["minReaderVersion"] == 1:
-        uris = codes.inputFiles()  # the files of this version: the listing Spark's scan would make
-        if direct_readable(detail["minReaderVersion"], detail["partitionColumns"], uris, ["clip_id", "code"]):
-            cores = max(1, sc.defaultParallelism // task_cpus)  # tasks that run at once
-            sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
-            groups = [[uris[i] for i in group] for group in balance_files(sizes, cores)] or [[]]
-            n_files = len(groups)
-    log.info("scanning %s v%d: %s", codes_table, version, f"{len(uris)} files read by {len(groups)} tasks"
+    if direct_read:
+        groups = direct_read_groups(codes, detail["minReaderVersion"], detail["partitionColumns"],
+                                    ["clip_id", "code"], SCAN_TASK_BYTES)
+    if groups is not None:
+        groups = groups or [[]]  # an empty table: one task that scans nothing
+        n_files = len(groups)
+    log.info("scanning %s v%d: %s", codes_table, version, f"{sum(map(len, groups))} files read by {len(groups)} tasks"
              if groups is not None else "rows from Spark's Delta reader")
     batches = plan_query_batches(len(queries), query_batch, k, n_files,
                                  bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)

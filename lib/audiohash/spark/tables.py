@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import numpy as np
 
 from delta.tables import DeltaTable
+from pyarrow import fs
 from pyspark.sql import DataFrame, SparkSession
+
+from audiohash.table_files import balance_files, direct_readable
 
 log = logging.getLogger("audiohash.tables")
 
@@ -44,6 +48,23 @@ def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
         df = df.selectExpr(*[col.split()[0] for col in ddl.split(", ")])
     df.write.format("delta").mode("append").save(path)
     return table_version(df.sparkSession, path)
+
+
+def direct_read_groups(rows: DataFrame, min_reader_version: int, partition_columns: list[str], columns: list[str],
+                       max_task_bytes: int) -> list[list[str]] | None:
+    """The data files behind ``rows`` (a Delta version, or given Parquet files of it) grouped into
+    tasks that read them with pyarrow (``table_files.balance_files``: one task per core while a
+    task stays under ``max_task_bytes``); None where they do not qualify
+    (``table_files.direct_readable``) and Spark's reader must feed the tasks."""
+    if min_reader_version != 1:
+        return None  # cannot qualify: spare the file listing
+    uris = rows.inputFiles()  # the listing Spark's scan would make, fully qualified
+    if not direct_readable(min_reader_version, partition_columns, uris, columns):
+        return None
+    spark = rows.sparkSession
+    cores = max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
+    sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
+    return [[uris[i] for i in group] for group in balance_files(sizes, cores, max_task_bytes)]
 
 
 def set_worker_threads(task_cpus: int) -> None:
