@@ -42,10 +42,6 @@ CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
-# No per-file min/max statistics (Delta still counts each file's rows): every code file spans the
-# whole clip_id range of its shard, so they could skip nothing, and collecting them cost about
-# 0.5 s per million rows of a full reindex (an A/B of encode_codes at 1M rows, DQN 64 bits).
-CODES_PROPERTIES = {"delta.dataSkippingNumIndexedCols": "0"}
 HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
 MAX_LOG_VERSIONS = 1000  # embeddings commits read to find appended files; more: compare every row
 
@@ -359,18 +355,14 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
 # rows per Arrow batch) -> _Written.
 def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
           read, batch_rows: int) -> _Written:
-    rows = read()
-    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
-    if rows.file_groups is None:
-        # Spark's reader makes a task per ~128 MB of files: shuffle the rows by shard so that one
-        # task per shard writes it (one file per shard), before the columns every row shares are
-        # added (less to shuffle). Direct-read tasks are few and large (one per core, up to
-        # ENCODE_TASK_BYTES of embeddings): each writes its rows' shards, tasks x shards files,
-        # without the shuffle (0.6 s of 7 at 1M rows, DQN 64 bits, alternating A/B runs).
-        encoded = encoded.repartition(lineage.n_shards, "shard")
+    encoded, left_out = encode_frame(read(), bundle, lineage.n_shards, batch_rows)
+    # One task per shard writes it: one file per shard, whatever the number of input files or
+    # tasks. Shuffled before the columns every row shares are added (fewer bytes to move).
+    # (Without the shuffle each task writes its own shard files: no faster, measured by
+    # benchmarks/encode_write_choices.py.)
+    encoded = encoded.repartition(lineage.n_shards, "shard")
     codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
-    overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage.to_json(),
-                    properties=CODES_PROPERTIES)
+    overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage.to_json())
     version, metrics = _commit_metrics(spark, codes_table)
     return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
 

@@ -25,17 +25,13 @@ def table_version(spark: SparkSession, path: str) -> int:
     return int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
 
 
-def overwrite_delta(df: DataFrame, path: str, partition_by: tuple[str, ...] = (), user_metadata: str = "",
-                    properties: dict[str, str] | None = None) -> int:
-    """Replace the table's content in one atomic commit (readers see old or new, never a mix);
-    ``properties``: Delta table properties to set with it."""
+def overwrite_delta(df: DataFrame, path: str, partition_by: tuple[str, ...] = (), user_metadata: str = "") -> int:
+    """Replace the table's content in one atomic commit (readers see old or new, never a mix)."""
     writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if user_metadata:
         writer = writer.option("userMetadata", user_metadata)
-    for key, value in (properties or {}).items():  # delta.* writer options become table properties
-        writer = writer.option(key, value)
     writer.save(path)
     version = table_version(df.sparkSession, path)
     log.info("committed %s version %d", path, version)
