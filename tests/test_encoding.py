@@ -57,6 +57,9 @@ def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
         which = {"c0": 0, "c2": 1, "c6": 2, "c8": 3}
         expected = pq.encode(good[[which[i] for i in kept]])
         np.testing.assert_array_equal(code_matrix(out.column("code"), 4), expected)
+        kept_rows = [r for r in sliced.to_pylist() if r["clip_id"] in kept]
+        assert out.column("source_hash").to_pylist() == [reference_fingerprint(r["embedding"], r["label"])
+                                                         for r in kept_rows]
     with pytest.raises(AudiohashError, match=r"missing columns \['label'\]"):
         encode_batch(batch.drop_columns(["label"]), pq, 4)
 
