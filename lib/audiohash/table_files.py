@@ -13,7 +13,7 @@ import pyarrow as pa
 
 # Parquet bytes one task reads at most when several tasks per core are needed: the query scan
 # holds a task's codes in memory (Spark's spark.sql.files.maxPartitionBytes default); the encode
-# read streams its rows in batches, so its tasks can be larger (fewer, larger code files).
+# read streams its rows in batches, so its tasks can be larger (fewer tasks, each started once).
 SCAN_TASK_BYTES = 128 << 20
 ENCODE_TASK_BYTES = 1 << 30
 
