@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import REPO, make_config, run_job_main
 
@@ -166,6 +167,38 @@ def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(
     assert re.search(rf"OPTIMIZE: ([5-9]|\d\d+) files compacted into {N_SHARDS}\b", out) and "VACUUM" in out
     assert len(spark.read.format("delta").load(cfg.lake.table("codes")).inputFiles()) == N_SHARDS
     assert "nothing changed" in encode(cfg, capsys)
+
+
+def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark, lake, capsys):
+    """An appended row whose clip already has a code replaces that code (MERGE); the known-clip
+    count is the same whether the tasks read the code files or Spark's reader does; a clip twice
+    in the appended files stops the run, naming it."""
+    from audiohash.spark.encode import count_coded
+    from audiohash.tracking import load_registered_bundle
+
+    cfg = config(lake, "model.version=1")
+    codes_table = cfg.lake.table("codes")
+    probe = pa.array(["db-00001", "db-00002", "q-00001", "nowhere"])  # query clips have no code
+    assert count_coded(spark, codes_table, probe) == 2
+    again = synthetic(5, 1, "db").iloc[[1, 2]]
+    again["embedding"] = again["embedding"].map(lambda v: [2 * f + 1 for f in v])
+    write_embeddings(spark, lake / "embeddings", pd.concat([again, synthetic(3, 9, "fresh")], ignore_index=True))
+
+    out = encode(cfg, capsys)
+    assert "encode (append: 1 file(s) appended" in out and "5 clips encoded" in out
+    codes = codes_of(spark, cfg)
+    assert codes.index.is_unique and len(codes) == N_DB + 3
+    quantizer = load_registered_bundle(cfg, "1").quantizer
+    replaced = quantizer.encode(np.stack(again["embedding"].to_numpy()).astype(np.float32))
+    assert [bytes(c) for c in codes.loc[["db-00001", "db-00002"], "code"]] == [bytes(c) for c in replaced]
+
+    # Deletion vectors raise the reader protocol: the tasks may not read the files; Spark's reader counts.
+    spark.sql(f"ALTER TABLE delta.`{codes_table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = true)")
+    assert count_coded(spark, codes_table, probe) == 2
+
+    write_embeddings(spark, lake / "embeddings", synthetic(2, 11, "twice").iloc[[0, 0, 1]])
+    with pytest.raises(AudiohashError, match="clip_id 'twice-00000' appears more than once in the appended files"):
+        run_job_main("encode", cfg)
 
 
 def test_changed_and_deleted_clips_propagate(spark, lake, capsys):

@@ -118,6 +118,14 @@ def test_select_splits_keeps_the_named_splits():
     assert select_splits(batch, []).num_rows == 4
 
 
+def test_first_duplicate_names_the_smallest_repeated_value():
+    from audiohash.encoding import first_duplicate
+
+    assert first_duplicate(pa.array(["c", "a", "b"])) is None
+    assert first_duplicate(pa.array([], pa.string())) is None
+    assert first_duplicate(pa.chunked_array([["d", "b", "d"], ["b", "e"]])) == "b"
+
+
 def test_shard_of_is_stable_and_in_range():
     ids = [f"clip-{i}" for i in range(1000)]
     shards = shard_of(ids, 8)

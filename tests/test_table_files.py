@@ -36,3 +36,17 @@ def test_read_parquet_files_whole_or_streamed_gives_the_same_rows(tmp_path):
     assert max(b.num_rows for b in streamed) == 100 and all(b.schema.names == ["clip_id", "x"] for b in streamed)
     for batches in (whole, streamed):
         assert [v for b in batches for v in b.column("clip_id").to_pylist()] == expected
+
+
+def test_count_in_files_counts_rows_holding_one_of_the_values(tmp_path):
+    from audiohash.table_files import count_in_files
+
+    uris = []
+    for n, ids in enumerate([["a", "b", None, "c"], [], ["c", "d", "a"]]):
+        path = tmp_path / f"part-{n}.parquet"
+        pq.write_table(pa.table({"clip_id": pa.array(ids, pa.string()), "x": np.arange(len(ids))}), path)
+        uris.append(f"file:{path}")
+    assert count_in_files(uris, "clip_id", pa.array(["a", "c", "zz"])) == 4  # a twice, c twice
+    assert count_in_files(uris, "clip_id", pa.array(["zz"])) == 0
+    assert count_in_files(uris, "clip_id", pa.array([], pa.string())) == 0
+    assert count_in_files([], "clip_id", pa.array(["a"])) == 0

@@ -129,6 +129,13 @@ def select_splits(batch: pa.RecordBatch, splits: list[str] | tuple[str, ...]) ->
     return batch if pc.all(keep).as_py() else batch.filter(keep)  # filtering copies every column
 
 
+def first_duplicate(values: pa.Array | pa.ChunkedArray) -> str | None:
+    """A value that occurs more than once (the smallest such), or None when all are distinct."""
+    counts = pc.value_counts(values)
+    twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    return pc.min(twice).as_py() if len(twice) else None
+
+
 def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> pa.RecordBatch:
     """Rows (clip_id, label, embedding) -> rows of ``schemas.ENCODED_DDL`` (with the row's
     ``fingerprint`` as source_hash), one per encodable row (see ``encodable_rows``); the others are

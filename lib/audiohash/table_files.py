@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Parquet bytes one task reads at most when several tasks per core are needed: the query scan
 # holds a task's codes in memory (Spark's spark.sql.files.maxPartitionBytes default); the encode
@@ -40,6 +41,13 @@ def read_parquet_files(uris: Iterable[str], columns: list[str], batch_rows: int 
         else:
             with pq.ParquetFile(filesystem.open_input_file(path)) as parquet:
                 yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def count_in_files(uris: Iterable[str], column: str, values: pa.Array) -> int:
+    """How many rows of Parquet data files hold one of ``values`` in ``column`` (nulls never
+    match): e.g. how many appended clip ids a code table already holds."""
+    return sum(pc.sum(pc.is_in(batch.column(0), value_set=values)).as_py() or 0
+               for batch in read_parquet_files(uris, [column]))
 
 
 def balance_files(sizes: list[int], cores: int, max_task_bytes: int = SCAN_TASK_BYTES) -> list[list[int]]:

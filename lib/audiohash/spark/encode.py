@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import pyarrow as pa
 from delta.tables import DeltaTable
 from pyspark import Accumulator, StorageLevel
 from pyspark.errors import AnalysisException
@@ -30,12 +31,12 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
-from audiohash.encoding import EncodePlan, Lineage, data_file, plan_encode
+from audiohash.encoding import EncodePlan, Lineage, data_file, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
 from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, session_conf,
                                     set_worker_threads, table_exists, table_version)
-from audiohash.table_files import ENCODE_TASK_BYTES
+from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
 CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
@@ -367,20 +368,64 @@ def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_tabl
     return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
 
 
+def appended_clip_ids(rows: EmbeddingRows) -> pa.ChunkedArray:
+    """The clip ids of the rows an append run encodes, on the driver: read from the appended files
+    with pyarrow where the tasks read them directly, else from Spark's reader. (The ids of one
+    append fit the driver, as the broadcast of the known-clip check needs anyway.)"""
+    from audiohash.encoding import select_splits
+    from audiohash.table_files import read_parquet_files
+
+    if rows.file_groups is None:
+        return rows.frame.select("clip_id").toArrow().column("clip_id")
+    columns = ["clip_id", "split"] if rows.splits else ["clip_id"]
+    uris = [uri for group in rows.file_groups for uri in group]
+    return pa.chunked_array([select_splits(batch, rows.splits).column("clip_id")
+                             for batch in read_parquet_files(uris, columns)], pa.string())
+
+
+def count_coded(spark: SparkSession, codes_table: str, clip_ids: pa.Array) -> int:
+    """How many of ``clip_ids`` already have a row in the code table. Where its files qualify
+    (``table_files.direct_readable``), the tasks read their clip_id column with pyarrow and count
+    the matches (no code row goes through the JVM); else a semi-join on Spark's reader."""
+    coded = spark.read.format("delta").load(codes_table)
+    detail = DeltaTable.forPath(spark, codes_table).detail().select("minReaderVersion", "partitionColumns").first()
+    groups = direct_read_groups(coded, detail["minReaderVersion"], detail["partitionColumns"], ["clip_id"],
+                                SCAN_TASK_BYTES)
+    if groups is None:
+        new = spark.createDataFrame(pa.table({"clip_id": clip_ids}))
+        return coded.select("clip_id").join(F.broadcast(new), on="clip_id", how="left_semi").count()
+    if not groups:
+        return 0
+    values = spark.sparkContext.broadcast(clip_ids)
+
+    def count_matches(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
+        import pyarrow
+
+        from audiohash.table_files import count_in_files
+
+        for task in tasks:
+            for i in task.column("id").to_pylist():
+                yield pyarrow.RecordBatch.from_pydict({"n": [count_in_files(groups[i], "clip_id", values.value)]})
+
+    try:
+        counts = spark.range(0, len(groups), 1, len(groups)).mapInArrow(count_matches, "n long").collect()
+    finally:
+        values.unpersist()
+    return sum(row["n"] for row in counts)
+
+
 def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
             read, batch_rows: int) -> _Written:
     rows = read(plan.added_files)
-    ids = rows.frame.select("clip_id")
-    n_rows, n_clips = ids.agg(F.count(F.lit(1)), F.countDistinct("clip_id")).first()
-    if n_rows == 0:
+    clip_ids = appended_clip_ids(rows).combine_chunks()
+    if len(clip_ids) == 0:
         return _Written(None, reason=f"{plan.reason}, but none of their rows is in splits {list(lineage.splits)}")
-    if n_clips < n_rows:
-        twice = ids.groupBy("clip_id").count().filter("count > 1").first()["clip_id"]
+    twice = first_duplicate(clip_ids)
+    if twice is not None:
         raise AudiohashError(f"embeddings table {lineage.embeddings_table} version {lineage.embeddings_version}: "
                              f"clip_id {twice!r} appears more than once in the appended files; clip_id must "
                              f"be unique (delete the duplicate rows, or re-extract)")
-    coded = spark.read.format("delta").load(codes_table).select("clip_id")
-    known = coded.join(F.broadcast(ids), on="clip_id", how="left_semi").count()
+    known = count_coded(spark, codes_table, clip_ids)
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
     if known:  # some appended clips already have a code: replace those rows
