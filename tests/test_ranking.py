@@ -214,3 +214,20 @@ def test_a_pq_scan_worker_never_imports_torch():
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stdout
+
+
+def test_results_batch_has_one_row_per_query_and_rank():
+    from audiohash.ranking import results_batch
+    from audiohash.schemas import RESULTS_DDL
+
+    ids = np.array([["a", "b", "c"], ["c", "a", "b"]], object)
+    batch = results_batch(np.array(["q1", "q2"], object), ids, np.array([[0.1, 0.2, 0.3], [1, 2, 3]], np.float64),
+                          "run-1", "m", 7)
+    assert batch.schema.names == [c.split()[0] for c in RESULTS_DDL.split(", ")]
+    assert batch.column("query_id").to_pylist() == ["q1"] * 3 + ["q2"] * 3
+    assert batch.column("rank").to_pylist() == [1, 2, 3, 1, 2, 3]
+    assert batch.column("clip_id").to_pylist() == ["a", "b", "c", "c", "a", "b"]
+    assert batch.column("distance").type == pa.float32() and batch.column("distance").to_pylist()[3] == 1.0
+    assert set(batch.column("model_version").to_pylist()) == {7} and batch.column("model_version").type == pa.int32()
+    empty = results_batch(np.array([], object), np.zeros((0, 3), object), np.zeros((0, 3)), "r", "m", 1)
+    assert empty.num_rows == 0

@@ -174,3 +174,19 @@ def ranking_mismatch(D: np.ndarray, ids: np.ndarray, D_ref: np.ndarray, ids_ref:
             if not (got == want if stop <= k else got <= want):
                 return f"query {row}: ranks {start + 1}-{min(stop, k)} hold {sorted(got)[:5]}, expected {sorted(want)[:5]}"
     return None
+
+
+def results_batch(query_ids: np.ndarray, ranked_ids: np.ndarray, distances: np.ndarray, run_id: str,
+                  model_name: str, model_version: int) -> pa.RecordBatch:
+    """Rows of ``schemas.RESULTS_DDL`` for some queries: query_ids (nq,), ranked_ids and distances
+    (nq, r), best first; one row per (query, rank), ranks from 1."""
+    nq, r = ranked_ids.shape
+    return pa.RecordBatch.from_arrays([
+        pa.array(np.repeat(np.asarray(query_ids, object), r), pa.string()),
+        pa.array(np.tile(np.arange(1, r + 1, dtype=np.int32), nq)),
+        pa.array(np.asarray(ranked_ids, object).ravel(), pa.string()),
+        pa.array(np.asarray(distances, np.float32).ravel()),
+        pa.array([run_id] * (nq * r), pa.string()),
+        pa.array([model_name] * (nq * r), pa.string()),
+        pa.array(np.full(nq * r, model_version, np.int32)),
+    ], names=["query_id", "rank", "clip_id", "distance", "run_id", "model_name", "model_version"])

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
@@ -20,10 +19,10 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.errors import AudiohashError
 from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
-from audiohash.schemas import SCAN_OUTPUT_DDL
+from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.encode import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
-from audiohash.spark.tables import direct_read_groups, session_conf, set_worker_threads
+from audiohash.spark.tables import append_delta, direct_read_groups, session_conf, set_worker_threads
 from audiohash.table_files import SCAN_TASK_BYTES, read_parquet_files
 
 log = logging.getLogger("audiohash.query")
@@ -124,6 +123,32 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     return np.vstack(all_D), np.vstack(all_ids), version
 
 
+def append_results(spark: SparkSession, results_table: str, query_ids: np.ndarray, ranked_ids: np.ndarray,
+                   distances: np.ndarray, run_id: str, bundle: ModelBundle) -> int:
+    """Append one row per (query, rank) to the results table in one commit; returns its version.
+    The rows are built in the executors from broadcast arrays (``ranking.results_batch``), a slice
+    of queries per task: a DataFrame made on the driver would carry its rows inside the write's
+    tasks (Spark warns of tasks of many MB once there are thousands of queries)."""
+    shipped = spark.sparkContext.broadcast((query_ids, ranked_ids, distances))
+    n_tasks = max(1, min(spark.sparkContext.defaultParallelism, len(query_ids)))
+    bounds = np.linspace(0, len(query_ids), n_tasks + 1).astype(int)
+    name, version = bundle.model_name, int(bundle.model_version)
+
+    def build(tasks):
+        from audiohash.ranking import results_batch
+
+        q, ids, d = shipped.value
+        for task in tasks:
+            for i in task.column("id").to_pylist():
+                lo, hi = bounds[i], bounds[i + 1]
+                yield results_batch(q[lo:hi], ids[lo:hi], d[lo:hi], run_id, name, version)
+
+    try:
+        return append_delta(spark.range(0, n_tasks, 1, n_tasks).mapInArrow(build, RESULTS_DDL), results_table)
+    finally:
+        shipped.unpersist()
+
+
 @dataclass
 class QueryOutcome:
     """What one query run produced: metrics for MLflow, curves (evaluation with R = all), counts."""
@@ -142,8 +167,7 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     to the results table, and (``evaluate``) score the ranking against the labels of the database
     and, with ``float_reference``, against exact float search over the database embeddings."""
     from audiohash.evaluation import exact_float_topk, ranked_positions, retrieval_curves, retrieval_metrics
-    from audiohash.schemas import RESULTS_DDL
-    from audiohash.spark.tables import append_delta, read_embeddings
+    from audiohash.spark.tables import read_embeddings
 
     query_ids, query_labels, xq, _ = read_embeddings(spark, embeddings_table, [query_split])
     started = time.time()
@@ -154,12 +178,8 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     R = ranked_ids.shape[1]
     metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
-    keep = min(R, results_r)
-    results = pd.DataFrame({
-        "query_id": np.repeat(query_ids, keep), "rank": np.tile(np.arange(1, keep + 1, dtype=np.int32), len(xq)),
-        "clip_id": ranked_ids[:, :keep].ravel(), "distance": D[:, :keep].ravel(), "run_id": run_id,
-        "model_name": bundle.model_name, "model_version": np.int32(bundle.model_version)})
-    append_delta(spark.createDataFrame(results, RESULTS_DDL), results_table)
+    append_results(spark, results_table, query_ids, ranked_ids[:, :min(R, results_r)], D[:, :min(R, results_r)],
+                   run_id, bundle)
     curves = None
     if evaluate:
         db = (spark.read.format("delta").option("versionAsOf", codes_version).load(codes_table)
