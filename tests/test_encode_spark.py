@@ -145,8 +145,8 @@ def test_first_encode_is_full_with_lineage_and_a_rerun_writes_nothing(spark, bas
 def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(spark, lake, capsys):
     cfg = config(lake, "model.version=1")
     first_run = set(codes_of(spark, cfg)["encode_run_id"])
-    # The full encode wrote one file per shard.
-    assert len(spark.read.format("delta").load(cfg.lake.table("codes")).inputFiles()) == N_SHARDS
+    # The full encode's 2 tasks (local[2]) each wrote one file per shard.
+    assert len(spark.read.format("delta").load(cfg.lake.table("codes")).inputFiles()) == 2 * N_SHARDS
     new = pd.concat([synthetic(40, 7, "new"), synthetic(5, 8, "newq", "query")], ignore_index=True)
     bad = embedding_frame(["bad-nan", "bad-size", "bad-null"],
                           [np.full(DIM, np.nan), np.zeros(DIM - 1), None], ["class0"] * 3, ["db"] * 3)
@@ -199,6 +199,23 @@ def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark
     write_embeddings(spark, lake / "embeddings", synthetic(2, 11, "twice").iloc[[0, 0, 1]])
     with pytest.raises(AudiohashError, match="clip_id 'twice-00000' appears more than once in the appended files"):
         run_job_main("encode", cfg)
+
+
+def test_a_code_table_the_task_writer_does_not_make_is_written_by_spark(spark, lake, capsys, caplog):
+    """Tasks write code files only into a table of the protocol, schema and layout they make; a code
+    table with deletion vectors enabled (another protocol) is reindexed through Spark's writer."""
+    import logging
+
+    cfg = config(lake, "model.version=1", "encode.mode=full")
+    codes_table = cfg.lake.table("codes")
+    spark.sql(f"ALTER TABLE delta.`{codes_table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = true)")
+    before = version_of(spark, codes_table)
+    with caplog.at_level(logging.INFO, logger="audiohash.encode"):
+        out = encode(cfg, capsys)
+    assert "encode (full: encode.mode=full): 2400 clips encoded" in out
+    assert "written through Spark's Delta writer" in caplog.text and "code files written by" not in caplog.text
+    assert version_of(spark, codes_table) == before + 1
+    assert_codes_match(codes_of(spark, cfg), expected_codes(spark, cfg, 1), 1)
 
 
 def test_changed_and_deleted_clips_propagate(spark, lake, capsys):
@@ -305,7 +322,10 @@ def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplo
                                    N_SHARDS, ["db"], "full", direct_read=direct_read)
         assert ("files in" in caplog.text) == direct_read  # this local Delta table is plain Parquet
         assert summary.encoded == N_DB
-        assert len(spark.read.format("delta").load(codes).inputFiles()) == N_SHARDS  # one file per shard
+        # Tasks that read the files write theirs (one per shard each); Spark's writer one per shard.
+        n_files = len(spark.read.format("delta").load(codes).inputFiles())
+        assert n_files == (2 * N_SHARDS if direct_read else N_SHARDS)
+        assert ("code files written by 2 tasks" in caplog.text) == direct_read
         tables[direct_read] = (spark.read.format("delta").load(codes)
                                .select("clip_id", "shard", "code", "label", "source_hash").toPandas()
                                .set_index("clip_id").sort_index())

@@ -214,3 +214,22 @@ def test_data_file_of_log_paths():
     assert data_file("s3a://b/lake/emb", "split=a%20b/part-1.parquet") == "s3a://b/lake/emb/split=a b/part-1.parquet"
     assert data_file("/lake/emb", "s3a://other/part-2.parquet") == "s3a://other/part-2.parquet"
     assert appended_files([])[0] == []
+
+
+def test_code_table_batch_adds_the_runs_shared_columns_in_table_order():
+    import datetime as dt
+
+    from audiohash.encoding import CODES_COLUMNS, Lineage, code_table_batch
+
+    encoded = pa.RecordBatch.from_pydict({
+        "clip_id": ["a", "b"], "shard": pa.array([0, 3], pa.int32()), "code": pa.array([b"\x01\x02", b"\x03\x04"]),
+        "label": ["dog", None], "source_hash": pa.array([7, -8], pa.int64())})
+    lineage = Lineage("m", 3, 4, ("db",), "/lake/embeddings", 12, "table-id", "run-9", "model-run")
+    at = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+    rows = code_table_batch(encoded, lineage, at)
+    assert rows.schema.names == CODES_COLUMNS
+    assert rows.column("clip_id").to_pylist() == ["a", "b"] and rows.column("label").to_pylist() == ["dog", None]
+    assert rows.column("model_version").type == pa.int32() and rows.column("model_version").to_pylist() == [3, 3]
+    assert rows.column("embedding_version").to_pylist() == [12, 12] and rows.column("encode_run_id").to_pylist() == ["run-9"] * 2
+    assert rows.column("encoded_at").type == pa.timestamp("us", tz="UTC") and rows.column("encoded_at")[0].as_py() == at
+    assert code_table_batch(encoded.slice(0, 0), lineage, at).num_rows == 0

@@ -50,3 +50,18 @@ def test_count_in_files_counts_rows_holding_one_of_the_values(tmp_path):
     assert count_in_files(uris, "clip_id", pa.array(["zz"])) == 0
     assert count_in_files(uris, "clip_id", pa.array([], pa.string())) == 0
     assert count_in_files([], "clip_id", pa.array(["a"])) == 0
+
+
+def test_write_partitioned_writes_one_file_per_value_without_the_column(tmp_path):
+    from audiohash.table_files import write_partitioned
+
+    batches = [pa.RecordBatch.from_pydict({"clip_id": ["a", "b", "c"], "shard": pa.array([1, 0, 1], pa.int32())}),
+               pa.RecordBatch.from_pydict({"clip_id": ["d"], "shard": pa.array([1], pa.int32())})]
+    files = write_partitioned(iter(batches), f"file:{tmp_path}", "shard", "part-00000-x")
+    assert [(f["path"], f["partition"], f["rows"]) for f in files] == [
+        ("shard=0/part-00000-x.parquet", 0, 1), ("shard=1/part-00000-x.parquet", 1, 3)]
+    for f in files:
+        table = pq.read_table(tmp_path / f["path"])
+        assert table.schema.names == ["clip_id"] and f["size"] == (tmp_path / f["path"]).stat().st_size > 0
+    assert pq.read_table(tmp_path / "shard=1/part-00000-x.parquet").column("clip_id").to_pylist() == ["a", "c", "d"]
+    assert write_partitioned(iter([]), f"file:{tmp_path}", "shard", "part-empty") == []

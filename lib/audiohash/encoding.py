@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import urllib.parse
@@ -23,13 +24,14 @@ import pyarrow.compute as pc
 from audiohash.arrow_arrays import binary_column
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
-from audiohash.schemas import ENCODE_INPUT_COLUMNS, ENCODED_DDL
+from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL
 
 ENCODE_MODES = ("incremental", "full")
 # Rows per quantizer.encode call. PQ's faiss encode builds rows x M x 256 float distance tables:
 # at 16384 rows that is 128 MB for M = 8, which keeps it from paging in gigabytes per batch.
 ENCODE_CHUNK_ROWS = 16384
 ENCODED_COLUMNS = [c.split()[0] for c in ENCODED_DDL.split(", ")]
+CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
 
 
 def shard_of(clip_ids: list[str], n_shards: int) -> np.ndarray:
@@ -156,6 +158,21 @@ def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> 
          pa.array(hashes[mask], pa.int64())],
         names=ENCODED_COLUMNS,
     )
+
+
+def code_table_batch(encoded: pa.RecordBatch, lineage: "Lineage", encoded_at: dt.datetime) -> pa.RecordBatch:
+    """Rows of ``schemas.ENCODED_DDL`` + the columns every row of one run shares -> rows of
+    ``schemas.CODES_DDL`` (what ``spark.encode.code_rows`` adds in Spark)."""
+    n = encoded.num_rows
+    shared = {
+        "model_name": pa.array([lineage.model_name] * n, pa.string()),
+        "model_version": pa.array(np.full(n, lineage.model_version, np.int32)),
+        "embedding_version": pa.array(np.full(n, lineage.embeddings_version, np.int64)),
+        "encoded_at": pa.array([encoded_at] * n, pa.timestamp("us", tz="UTC")),
+        "encode_run_id": pa.array([lineage.run_id] * n, pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([shared[c] if c in shared else encoded.column(c) for c in CODES_COLUMNS],
+                                      names=CODES_COLUMNS)
 
 
 def with_fingerprints(batch: pa.RecordBatch) -> pa.RecordBatch:

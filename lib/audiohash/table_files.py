@@ -4,11 +4,14 @@ files are grouped into tasks, and the reader (pyarrow) a task runs over its grou
 Moving rows from Spark's reader into Python workers costs more than reading the same Parquet
 files with pyarrow (benchmarks/embedding_transfer.py; the query scan and the encode read both
 measured it), so where a version's files hold exactly its rows the tasks read them directly.
+The encode tasks also write code files here (``write_partitioned``); the Spark layer commits them
+(``spark.tables.write_and_commit``).
 """
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -48,6 +51,40 @@ def count_in_files(uris: Iterable[str], column: str, values: pa.Array) -> int:
     match): e.g. how many appended clip ids a code table already holds."""
     return sum(pc.sum(pc.is_in(batch.column(0), value_set=values)).as_py() or 0
                for batch in read_parquet_files(uris, [column]))
+
+
+def write_partitioned(batches: Iterable[pa.RecordBatch], table_uri: str, partition_column: str,
+                      name: str) -> list[dict]:
+    """Write rows as Parquet data files of the table at ``table_uri`` (file:/...), one file per value
+    of ``partition_column`` (integers), in Delta's Hive layout: ``<column>=<value>/<name>.parquet``,
+    the column itself not stored. ``name`` must be unique per writer (files are never overwritten
+    in place). Returns one dict per file: path (relative to the table), partition value, size
+    (bytes), rows."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(table_uri)
+    writers: dict[int, tuple[str, pq.ParquetWriter]] = {}
+    rows: dict[int, int] = {}
+    try:
+        for batch in batches:
+            values = batch.column(partition_column).to_numpy(zero_copy_only=False)
+            data = batch.drop_columns([partition_column])
+            for value in np.unique(values).tolist():
+                part = data.filter(pa.array(values == value))
+                if value not in writers:
+                    relative = f"{partition_column}={value}/{name}.parquet"
+                    filesystem.create_dir(f"{root}/{partition_column}={value}", recursive=True)
+                    writers[value] = (relative, pq.ParquetWriter(f"{root}/{relative}", data.schema,
+                                                                 filesystem=filesystem, compression="snappy"))
+                    rows[value] = 0
+                writers[value][1].write_batch(part)
+                rows[value] += part.num_rows
+    finally:
+        for _, writer in writers.values():
+            writer.close()
+    return [{"path": relative, "partition": value, "size": filesystem.get_file_info(f"{root}/{relative}").size,
+             "rows": rows[value]} for value, (relative, _) in sorted(writers.items())]
 
 
 def balance_files(sizes: list[int], cores: int, max_task_bytes: int = SCAN_TASK_BYTES) -> list[list[int]]:

@@ -9,8 +9,10 @@ One run makes at most one commit to the code table, so a killed run leaves the t
   code table's, are encoded; they and the deletions are applied by one MERGE. Nothing changed:
   nothing is written.
 Where the embeddings version is plain Parquet on local files (``table_files.direct_readable``),
-the encode tasks read its data files themselves with pyarrow and only the small code rows go
-through the JVM; otherwise the rows come from Spark's Delta reader.
+the encode tasks read its data files themselves with pyarrow; otherwise the rows come from Spark's
+Delta reader. Where they read the files and the code table is on local files too, a full run or
+a blind append has the tasks write the code files with pyarrow and the driver commit them in one
+Delta transaction (``write_code_files``); otherwise the code rows go to Spark's Delta writer.
 Each commit carries its ``Lineage`` as userMetadata; ``rollback_codes`` restores an older version
 together with its lineage, so the next incremental run starts from what was restored.
 """
@@ -20,6 +22,7 @@ import datetime as dt
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -34,8 +37,9 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import EncodePlan, Lineage, data_file, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, session_conf,
-                                    set_worker_threads, table_exists, table_version)
+from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, qualified_uri,
+                                    session_conf, set_worker_threads, table_exists, table_version,
+                                    write_and_commit)
 from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
@@ -175,6 +179,66 @@ def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
                 yield from encode_batches(select_splits(b, splits).select(ENCODE_INPUT_COLUMNS) for b in batches)
 
     return spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_files, ENCODED_DDL), left_out
+
+
+CODE_FILES_DDL = "path string, partition int, size long, rows long"
+
+
+def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBundle, codes_table: str, lineage: Lineage,
+                     encoded_at: dt.datetime, replace: bool, batch_rows: int = 65536) -> tuple[int, int, int] | None:
+    """Where the tasks read the embeddings files themselves and the code table is on ``file:``
+    storage, they also write the code files (pyarrow, one per shard per task, streamed batch by
+    batch) and the driver commits them in one Delta transaction (``tables.write_and_commit``), so
+    no code row goes through the JVM. Returns (code table version, code rows written, rows left
+    out as bad embeddings), or None where this does not apply (the caller uses Spark's writer)."""
+    if rows.file_groups is None:
+        return None
+    uri = qualified_uri(spark, codes_table)
+    if not uri.startswith("file:"):
+        return None
+    groups, splits, n_shards = rows.file_groups, rows.splits, lineage.n_shards
+    payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
+    left_out = spark.sparkContext.accumulator(0)
+    task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    run = uuid.uuid4().hex
+
+    def encode_and_write(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
+        from audiohash.bundle import cached_bundle_from_bytes
+        from audiohash.encoding import code_table_batch, encode_batch, select_splits
+        from audiohash.table_files import read_parquet_files, write_partitioned
+
+        quantizer = cached_bundle_from_bytes(payload.value).quantizer
+        set_worker_threads(task_cpus)
+
+        def code_batches(i):
+            for batch in read_parquet_files(groups[i], _direct_columns(splits), batch_rows):
+                batch = select_splits(batch, splits).select(ENCODE_INPUT_COLUMNS)
+                encoded = encode_batch(batch, quantizer, n_shards)
+                if encoded.num_rows < batch.num_rows:
+                    left_out.add(batch.num_rows - encoded.num_rows)
+                yield code_table_batch(encoded, lineage, encoded_at)
+
+        for task in tasks:
+            for i in task.column("id").to_pylist():
+                files = write_partitioned(code_batches(i), uri, "shard", f"part-{i:05d}-{run}")
+                yield pa.RecordBatch.from_pylist(files, schema=pa.schema([("path", pa.string()), ("partition", pa.int32()),
+                                                                          ("size", pa.int64()), ("rows", pa.int64())]))
+
+    def write_files() -> list[dict]:
+        tasks = spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_and_write, CODE_FILES_DDL)
+        return [row.asDict() for row in tasks.collect()]
+
+    try:
+        committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace, lineage.to_json(), write_files)
+    finally:
+        payload.unpersist()
+    if committed is None:
+        log.info("code table %s has another schema, layout or protocol: written through Spark's Delta writer",
+                 codes_table)
+        return None
+    version, files = committed
+    log.info("committed %s version %d: %d code files written by %d tasks", codes_table, version, len(files), len(groups))
+    return version, sum(f["rows"] for f in files), left_out.value
 
 
 def code_rows(encoded: DataFrame, lineage: Lineage, encoded_at: dt.datetime) -> DataFrame:
@@ -356,13 +420,18 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
 # rows per Arrow batch) -> _Written.
 def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_table: str, lineage: Lineage,
           read, batch_rows: int) -> _Written:
-    encoded, left_out = encode_frame(read(), bundle, lineage.n_shards, batch_rows)
+    rows, encoded_at = read(), dt.datetime.now(dt.timezone.utc)
+    written = write_code_files(spark, rows, bundle, codes_table, lineage, encoded_at, True, batch_rows)
+    if written is not None:
+        version, n_codes, n_left_out = written
+        return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
+    encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     # One task per shard writes it: one file per shard, whatever the number of input files or
     # tasks. Shuffled before the columns every row shares are added (fewer bytes to move).
     # (Without the shuffle each task writes its own shard files: no faster, measured by
     # benchmarks/encode_write_choices.py.)
     encoded = encoded.repartition(lineage.n_shards, "shard")
-    codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
+    codes = code_rows(encoded, lineage, encoded_at)
     overwrite_delta(codes, codes_table, partition_by=("shard",), user_metadata=lineage.to_json())
     version, metrics = _commit_metrics(spark, codes_table)
     return _Written(version, metrics.get("numOutputRows", 0), 0, left_out.value > 0, plan.reason)
@@ -426,8 +495,14 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
                              f"clip_id {twice!r} appears more than once in the appended files; clip_id must "
                              f"be unique (delete the duplicate rows, or re-extract)")
     known = count_coded(spark, codes_table, clip_ids)
+    encoded_at = dt.datetime.now(dt.timezone.utc)
+    if not known:  # only new clips: a blind append, the cheapest commit
+        written = write_code_files(spark, rows, bundle, codes_table, lineage, encoded_at, False, batch_rows)
+        if written is not None:
+            version, n_codes, n_left_out = written
+            return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
-    codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))
+    codes = code_rows(encoded, lineage, encoded_at)
     if known:  # some appended clips already have a code: replace those rows
         version, n_codes, _ = merge_codes(spark, codes_table, codes.withColumn("_delete", F.lit(False)), lineage)
     else:  # only new clips: a blind append, the cheapest commit

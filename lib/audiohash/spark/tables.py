@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import time
+import uuid
+from typing import Callable
 
 import numpy as np
 
 from delta.tables import DeltaTable
 from pyarrow import fs
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
 
 from audiohash.table_files import balance_files, direct_readable
 
@@ -61,6 +66,76 @@ def direct_read_groups(rows: DataFrame, min_reader_version: int, partition_colum
     cores = max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
     sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
     return [[uris[i] for i in group] for group in balance_files(sizes, cores, max_task_bytes)]
+
+
+def qualified_uri(spark: SparkSession, path: str) -> str:
+    """``path`` as Hadoop resolves it for this session: file:/..., hdfs://..., s3a://... (a path
+    without a scheme is on the default filesystem, which need not be the local one)."""
+    jpath = spark._jvm.org.apache.hadoop.fs.Path(path)
+    return jpath.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(jpath).toString()
+
+
+# The Delta protocol and layout ``commit_files`` writes, and the only one it adds files to.
+DIRECT_PROTOCOL = {"minReaderVersion": 1, "minWriterVersion": 2}
+
+
+def write_and_commit(spark: SparkSession, path: str, schema: StructType, partition_column: str, replace: bool,
+                     user_metadata: str, write_files: Callable[[], list[dict]]) -> tuple[int, list[dict]] | None:
+    """Write Parquet data files with ``write_files`` (the executors, ``table_files.write_partitioned``:
+    [{path, partition, size, rows}]) and commit them to the Delta table at ``path`` in one
+    transaction, started before they are written: as the table's whole content (``replace``: every
+    current file is removed in the same commit) or added to it; creates the table if needed.
+    Returns (committed version, the files). Returns None, writing nothing, when the existing table
+    has another schema, partitioning, protocol or settings than this writer makes (the caller then
+    writes through Spark's Delta writer). A run stopped before the commit leaves only unreferenced
+    files, as Spark's writer does (VACUUM removes them).
+
+    delta-spark has no Python API for committing files written elsewhere; this uses its JVM
+    transaction (``DeltaLog.startTransaction``, ``OptimisticTransaction.commit``, actions parsed by
+    ``Action.fromJson``) through py4j, so Delta checks conflicts and writes the log entry itself.
+    These are delta-spark's internal classes: the version is pinned, and tests/test_encode_spark.py
+    exercises every call."""
+    jvm = spark._jvm
+    delta = jvm.org.apache.spark.sql.delta
+    txn = delta.DeltaLog.forTable(spark._jsparkSession, path).startTransaction()
+    now = int(time.time() * 1000)
+    actions = []
+    if txn.readVersion() < 0:  # a new table: its metadata and protocol come in the same commit
+        actions.append({"metaData": {"id": str(uuid.uuid4()), "format": {"provider": "parquet", "options": {}},
+                                     "schemaString": schema.json(), "partitionColumns": [partition_column],
+                                     "configuration": {}, "createdTime": now}})
+        actions.append({"protocol": DIRECT_PROTOCOL})
+    else:
+        metadata, protocol = txn.metadata(), txn.snapshot().protocol()
+        same = (StructType.fromJson(json.loads(metadata.schemaString())) == schema
+                and list(jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.partitionColumns()))
+                == [partition_column]
+                and {"minReaderVersion": protocol.minReaderVersion(), "minWriterVersion": protocol.minWriterVersion()}
+                == DIRECT_PROTOCOL and not dict(jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.configuration())))
+        if not same:
+            return None
+    files = write_files()
+    jactions = jvm.java.util.ArrayList()
+    for action in actions:
+        jactions.add(delta.actions.Action.fromJson(json.dumps(action)))
+    if replace and txn.readVersion() >= 0:
+        current = txn.filterFiles().iterator()
+        while current.hasNext():
+            jactions.add(current.next().remove())
+    for f in files:
+        jactions.add(delta.actions.Action.fromJson(json.dumps({"add": {
+            "path": f["path"], "partitionValues": {partition_column: str(f["partition"])}, "size": f["size"],
+            "modificationTime": now, "dataChange": True, "stats": json.dumps({"numRecords": f["rows"]})}})))
+    write = getattr(getattr(delta, "DeltaOperations$Write$"), "MODULE$")
+    some = jvm.scala.Some
+    partition_columns = jvm.java.util.ArrayList()
+    partition_columns.add(partition_column)
+    operation = write.apply(
+        getattr(jvm.org.apache.spark.sql.SaveMode, "Overwrite" if replace else "Append"),
+        some(jvm.scala.jdk.javaapi.CollectionConverters.asScala(partition_columns).toList()),
+        getattr(write, "apply$default$3")(), some(user_metadata),
+        *[getattr(write, f"apply$default${i}")() for i in range(5, 10)])
+    return int(txn.commit(jvm.scala.jdk.javaapi.CollectionConverters.asScala(jactions).toList(), operation)), files
 
 
 def set_worker_threads(task_cpus: int) -> None:
