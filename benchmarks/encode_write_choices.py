@@ -1,5 +1,7 @@
-"""Two choices of the full encode's write, measured: the shuffle by shard before the write, and
-Delta's per-file min/max statistics on the code table.
+"""Two choices of the full encode's Spark write, measured: the shuffle by shard before the write,
+and Delta's per-file min/max statistics on the code table. (Since the encode tasks write the code
+files themselves where they can, ``spark.encode.write_code_files``, Spark's writer is the path for
+the other code tables: remote storage, other protocols; this benchmark measures that path.)
 
     python benchmarks/encode_write_choices.py --n 1000000 --out FILE.json
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 from delta.tables import DeltaTable
-from pyspark import Accumulator, StorageLevel
+from pyspark import Accumulator, StorageLevel, TaskContext
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -218,9 +218,12 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
                     left_out.add(batch.num_rows - encoded.num_rows)
                 yield code_table_batch(encoded, lineage, encoded_at)
 
+        # The attempt in the name: a retried or speculative attempt never writes over another's
+        # files; the driver commits the files of the attempt whose result it got.
+        attempt = TaskContext.get().taskAttemptId()
         for task in tasks:
             for i in task.column("id").to_pylist():
-                files = write_partitioned(code_batches(i), uri, "shard", f"part-{i:05d}-{run}")
+                files = write_partitioned(code_batches(i), uri, "shard", f"part-{i:05d}-{run}-{attempt}")
                 yield pa.RecordBatch.from_pylist(files, schema=pa.schema([("path", pa.string()), ("partition", pa.int32()),
                                                                           ("size", pa.int64()), ("rows", pa.int64())]))
 
