@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
-from audiohash.encoding import EncodePlan, Lineage, data_file, first_duplicate, plan_encode
+from audiohash.encoding import CODES_COLUMNS, EncodePlan, Lineage, data_file, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
 from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, qualified_uri,
@@ -43,7 +43,6 @@ from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_
 from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
-CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
@@ -181,7 +180,10 @@ def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
     return spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_files, ENCODED_DDL), left_out
 
 
+# One row per code file a task wrote (``table_files.write_partitioned``'s dicts).
 CODE_FILES_DDL = "path string, partition int, size long, rows long"
+CODE_FILES_SCHEMA = pa.schema([("path", pa.string()), ("partition", pa.int32()), ("size", pa.int64()),
+                               ("rows", pa.int64())])
 
 
 def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBundle, codes_table: str, lineage: Lineage,
@@ -224,15 +226,15 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
         for task in tasks:
             for i in task.column("id").to_pylist():
                 files = write_partitioned(code_batches(i), uri, "shard", f"part-{i:05d}-{run}-{attempt}")
-                yield pa.RecordBatch.from_pylist(files, schema=pa.schema([("path", pa.string()), ("partition", pa.int32()),
-                                                                          ("size", pa.int64()), ("rows", pa.int64())]))
+                yield pa.RecordBatch.from_pylist(files, schema=CODE_FILES_SCHEMA)
 
     def write_files() -> list[dict]:
         tasks = spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_and_write, CODE_FILES_DDL)
         return [row.asDict() for row in tasks.collect()]
 
     try:
-        committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace, lineage.to_json(), write_files)
+        committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace,
+                                     lineage.to_json(), write_files)
     finally:
         payload.unpersist()
     if committed is None:
@@ -240,7 +242,8 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
                  codes_table)
         return None
     version, files = committed
-    log.info("committed %s version %d: %d code files written by %d tasks", codes_table, version, len(files), len(groups))
+    log.info("committed %s version %d: %d code files written by %d tasks", codes_table, version, len(files),
+             len(groups))
     return version, sum(f["rows"] for f in files), left_out.value
 
 

@@ -107,11 +107,12 @@ def write_and_commit(spark: SparkSession, path: str, schema: StructType, partiti
         actions.append({"protocol": DIRECT_PROTOCOL})
     else:
         metadata, protocol = txn.metadata(), txn.snapshot().protocol()
+        as_java = jvm.scala.jdk.javaapi.CollectionConverters.asJava
         same = (StructType.fromJson(json.loads(metadata.schemaString())) == schema
-                and list(jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.partitionColumns()))
-                == [partition_column]
-                and {"minReaderVersion": protocol.minReaderVersion(), "minWriterVersion": protocol.minWriterVersion()}
-                == DIRECT_PROTOCOL and not dict(jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.configuration())))
+                and list(as_java(metadata.partitionColumns())) == [partition_column]
+                and {"minReaderVersion": protocol.minReaderVersion(),
+                     "minWriterVersion": protocol.minWriterVersion()} == DIRECT_PROTOCOL
+                and not dict(as_java(metadata.configuration())))
         if not same:
             return None
     files = write_files()
