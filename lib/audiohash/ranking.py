@@ -20,6 +20,7 @@ from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
 from audiohash.schemas import RESULTS_DDL
 
+
 @dataclass
 class PartitionTopK:
     """One partition's answer: D float32 (nq, k_p), local int32 (nq, k_p) indexes into clip_ids."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from delta.tables import DeltaTable
 from pyspark import Accumulator, StorageLevel, TaskContext
+from pyspark.broadcast import Broadcast
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -37,9 +38,9 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import CODES_COLUMNS, EncodePlan, Lineage, data_file, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import (append_delta, direct_read_groups, overwrite_delta, qualified_uri,
-                                    session_conf, set_worker_threads, table_exists, table_version,
-                                    write_and_commit)
+from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, overwrite_delta,
+                                    qualified_uri, session_conf, set_worker_threads, table_exists,
+                                    table_version, write_and_commit)
 from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
@@ -151,33 +152,43 @@ def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
     payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
     left_out = spark.sparkContext.accumulator(0)
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-
-    def encode_batches(batches):
-        from audiohash.bundle import cached_bundle_from_bytes
-        from audiohash.encoding import encode_batch
-
-        quantizer = cached_bundle_from_bytes(payload.value).quantizer
-        set_worker_threads(task_cpus)
-        for batch in batches:
-            out = encode_batch(batch, quantizer, n_shards)
-            if out.num_rows < batch.num_rows:
-                left_out.add(batch.num_rows - out.num_rows)
-            yield out
-
     if rows.file_groups is None:
-        return rows.frame.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_batches, ENCODED_DDL), left_out
+        def encode_rows(batches):
+            return encoded_batches(batches, payload, n_shards, task_cpus, left_out)
+
+        return rows.frame.select(*ENCODE_INPUT_COLUMNS).mapInArrow(encode_rows, ENCODED_DDL), left_out
     groups, splits = rows.file_groups, rows.splits
 
-    def encode_files(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
-        from audiohash.encoding import select_splits
-        from audiohash.table_files import read_parquet_files
+    def encode_files(i):
+        return encoded_batches(file_batches(groups[i], splits, batch_rows), payload, n_shards, task_cpus, left_out)
 
-        for task in tasks:
-            for i in task.column("id").to_pylist():
-                batches = read_parquet_files(groups[i], _direct_columns(splits), batch_rows)
-                yield from encode_batches(select_splits(b, splits).select(ENCODE_INPUT_COLUMNS) for b in batches)
+    return indexed_tasks(spark, len(groups), encode_files, ENCODED_DDL), left_out
 
-    return spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_files, ENCODED_DDL), left_out
+
+# ---- in the encode tasks ----------------------------------------------------------------------------
+def file_batches(uris: list[str], splits: tuple[str, ...], batch_rows: int):
+    """The encode input (``ENCODE_INPUT_COLUMNS``) of embeddings files a task reads itself, the rows
+    of ``splits`` only, in batches of at most ``batch_rows`` rows."""
+    from audiohash.encoding import select_splits
+    from audiohash.table_files import read_parquet_files
+
+    for batch in read_parquet_files(uris, _direct_columns(splits), batch_rows):
+        yield select_splits(batch, splits).select(ENCODE_INPUT_COLUMNS)
+
+
+def encoded_batches(batches, payload: Broadcast, n_shards: int, task_cpus: int, left_out: Accumulator):
+    """Encode input batches -> ``ENCODED_DDL`` batches with the broadcast bundle
+    (``encoding.encode_batch``), adding the rows it leaves out (bad embeddings) to ``left_out``."""
+    from audiohash.bundle import cached_bundle_from_bytes
+    from audiohash.encoding import encode_batch
+
+    quantizer = cached_bundle_from_bytes(payload.value).quantizer
+    set_worker_threads(task_cpus)
+    for batch in batches:
+        out = encode_batch(batch, quantizer, n_shards)
+        if out.num_rows < batch.num_rows:
+            left_out.add(batch.num_rows - out.num_rows)
+        yield out
 
 
 # One row per code file a task wrote (``table_files.write_partitioned``'s dicts).
@@ -204,33 +215,19 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
     run = uuid.uuid4().hex
 
-    def encode_and_write(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
-        from audiohash.bundle import cached_bundle_from_bytes
-        from audiohash.encoding import code_table_batch, encode_batch, select_splits
-        from audiohash.table_files import read_parquet_files, write_partitioned
+    def encode_and_write(i):  # runs in task i: encodes and writes the rows of groups[i]
+        from audiohash.encoding import code_table_batch
+        from audiohash.table_files import write_partitioned
 
-        quantizer = cached_bundle_from_bytes(payload.value).quantizer
-        set_worker_threads(task_cpus)
-
-        def code_batches(i):
-            for batch in read_parquet_files(groups[i], _direct_columns(splits), batch_rows):
-                batch = select_splits(batch, splits).select(ENCODE_INPUT_COLUMNS)
-                encoded = encode_batch(batch, quantizer, n_shards)
-                if encoded.num_rows < batch.num_rows:
-                    left_out.add(batch.num_rows - encoded.num_rows)
-                yield code_table_batch(encoded, lineage, encoded_at)
-
+        encoded = encoded_batches(file_batches(groups[i], splits, batch_rows), payload, n_shards, task_cpus, left_out)
         # The attempt in the name: a retried or speculative attempt never writes over another's
         # files; the driver commits the files of the attempt whose result it got.
-        attempt = TaskContext.get().taskAttemptId()
-        for task in tasks:
-            for i in task.column("id").to_pylist():
-                files = write_partitioned(code_batches(i), uri, "shard", f"part-{i:05d}-{run}-{attempt}")
-                yield pa.RecordBatch.from_pylist(files, schema=CODE_FILES_SCHEMA)
+        name = f"part-{i:05d}-{run}-{TaskContext.get().taskAttemptId()}"
+        files = write_partitioned((code_table_batch(b, lineage, encoded_at) for b in encoded), uri, "shard", name)
+        yield pa.RecordBatch.from_pylist(files, schema=CODE_FILES_SCHEMA)
 
     def write_files() -> list[dict]:
-        tasks = spark.range(0, len(groups), 1, max(1, len(groups))).mapInArrow(encode_and_write, CODE_FILES_DDL)
-        return [row.asDict() for row in tasks.collect()]
+        return [row.asDict() for row in indexed_tasks(spark, len(groups), encode_and_write, CODE_FILES_DDL).collect()]
 
     try:
         committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace,
@@ -473,17 +470,13 @@ def count_coded(spark: SparkSession, codes_table: str, clip_ids: pa.Array) -> in
         return 0
     values = spark.sparkContext.broadcast(clip_ids)
 
-    def count_matches(tasks):  # task i (row i of a range, one row per partition) reads groups[i]
-        import pyarrow
-
+    def count_matches(i):  # runs in task i: reads the clip_id column of groups[i]
         from audiohash.table_files import count_in_files
 
-        for task in tasks:
-            for i in task.column("id").to_pylist():
-                yield pyarrow.RecordBatch.from_pydict({"n": [count_in_files(groups[i], "clip_id", values.value)]})
+        yield pa.RecordBatch.from_pydict({"n": [count_in_files(groups[i], "clip_id", values.value)]})
 
     try:
-        counts = spark.range(0, len(groups), 1, len(groups)).mapInArrow(count_matches, "n long").collect()
+        counts = indexed_tasks(spark, len(groups), count_matches, "n long").collect()
     finally:
         values.unpersist()
     return sum(row["n"] for row in counts)

@@ -22,7 +22,8 @@ from audiohash.ranking import (check_models, merge_topk, partition_record, parti
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.encode import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
-from audiohash.spark.tables import append_delta, direct_read_groups, session_conf, set_worker_threads
+from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, session_conf,
+                                    set_worker_threads)
 from audiohash.table_files import SCAN_TASK_BYTES, read_parquet_files
 
 log = logging.getLogger("audiohash.query")
@@ -96,13 +97,10 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             return part
 
         if groups is not None:
-            # Task i (row i of a range, one row per partition) reads and scans the files groups[i].
-            def scan_files(batches, scan=scan):
-                for batch in batches:
-                    for task in batch.column("id").to_pylist():
-                        yield partition_record(scan(read_parquet_files(groups[task], ["clip_id", "code"])))
+            def scan_files(i, scan=scan):  # runs in task i: reads and scans the files groups[i]
+                yield partition_record(scan(read_parquet_files(groups[i], ["clip_id", "code"])))
 
-            rows = spark.range(0, len(groups), 1, len(groups)).mapInArrow(scan_files, SCAN_OUTPUT_DDL)
+            rows = indexed_tasks(spark, len(groups), scan_files, SCAN_OUTPUT_DDL)
         else:
             def scan_rows(batches, scan=scan):
                 yield partition_record(scan(batches))
@@ -134,17 +132,15 @@ def append_results(spark: SparkSession, results_table: str, query_ids: np.ndarra
     bounds = np.linspace(0, len(query_ids), n_tasks + 1).astype(int)
     name, version = bundle.model_name, int(bundle.model_version)
 
-    def build(tasks):
+    def build(i):  # runs in task i: the rows of queries bounds[i] .. bounds[i + 1] - 1
         from audiohash.ranking import results_batch
 
         q, ids, d = shipped.value
-        for task in tasks:
-            for i in task.column("id").to_pylist():
-                lo, hi = bounds[i], bounds[i + 1]
-                yield results_batch(q[lo:hi], ids[lo:hi], d[lo:hi], run_id, name, version)
+        lo, hi = bounds[i], bounds[i + 1]
+        yield results_batch(q[lo:hi], ids[lo:hi], d[lo:hi], run_id, name, version)
 
     try:
-        return append_delta(spark.range(0, n_tasks, 1, n_tasks).mapInArrow(build, RESULTS_DDL), results_table)
+        return append_delta(indexed_tasks(spark, n_tasks, build, RESULTS_DDL), results_table)
     finally:
         shipped.unpersist()
 

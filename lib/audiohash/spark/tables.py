@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def qualified_uri(spark: SparkSession, path: str) -> str:
     return jpath.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(jpath).toString()
 
 
-# The Delta protocol and layout ``commit_files`` writes, and the only one it adds files to.
+# The Delta protocol ``write_and_commit`` creates tables with, and the only one it adds files to.
 DIRECT_PROTOCOL = {"minReaderVersion": 1, "minWriterVersion": 2}
 
 
@@ -96,7 +96,7 @@ def write_and_commit(spark: SparkSession, path: str, schema: StructType, partiti
     These are delta-spark's internal classes: the version is pinned, and tests/test_encode_spark.py
     exercises every call."""
     jvm = spark._jvm
-    delta = jvm.org.apache.spark.sql.delta
+    delta, converters = jvm.org.apache.spark.sql.delta, jvm.scala.jdk.javaapi.CollectionConverters
     txn = delta.DeltaLog.forTable(spark._jsparkSession, path).startTransaction()
     now = int(time.time() * 1000)
     actions = []
@@ -107,12 +107,11 @@ def write_and_commit(spark: SparkSession, path: str, schema: StructType, partiti
         actions.append({"protocol": DIRECT_PROTOCOL})
     else:
         metadata, protocol = txn.metadata(), txn.snapshot().protocol()
-        as_java = jvm.scala.jdk.javaapi.CollectionConverters.asJava
         same = (StructType.fromJson(json.loads(metadata.schemaString())) == schema
-                and list(as_java(metadata.partitionColumns())) == [partition_column]
+                and list(converters.asJava(metadata.partitionColumns())) == [partition_column]
                 and {"minReaderVersion": protocol.minReaderVersion(),
                      "minWriterVersion": protocol.minWriterVersion()} == DIRECT_PROTOCOL
-                and not dict(as_java(metadata.configuration())))
+                and not dict(converters.asJava(metadata.configuration())))
         if not same:
             return None
     files = write_files()
@@ -133,10 +132,22 @@ def write_and_commit(spark: SparkSession, path: str, schema: StructType, partiti
     partition_columns.add(partition_column)
     operation = write.apply(
         getattr(jvm.org.apache.spark.sql.SaveMode, "Overwrite" if replace else "Append"),
-        some(jvm.scala.jdk.javaapi.CollectionConverters.asScala(partition_columns).toList()),
+        some(converters.asScala(partition_columns).toList()),
         getattr(write, "apply$default$3")(), some(user_metadata),
         *[getattr(write, f"apply$default${i}")() for i in range(5, 10)])
-    return int(txn.commit(jvm.scala.jdk.javaapi.CollectionConverters.asScala(jactions).toList(), operation)), files
+    return int(txn.commit(converters.asScala(jactions).toList(), operation)), files
+
+
+def indexed_tasks(spark: SparkSession, n_tasks: int, task: Callable[[int], Iterable], schema: str) -> DataFrame:
+    """A DataFrame made by ``n_tasks`` tasks (one row of a range per partition), task i yielding
+    the Arrow record batches of ``task(i)``: for tasks that find their own input, such as the data
+    files ``direct_read_groups`` gave them (task i reads group i)."""
+    def run(batches):
+        for batch in batches:
+            for i in batch.column("id").to_pylist():
+                yield from task(i)
+
+    return spark.range(0, n_tasks, 1, max(1, n_tasks)).mapInArrow(run, schema)
 
 
 def set_worker_threads(task_cpus: int) -> None:
