@@ -206,6 +206,24 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
             "ours_times_s": [round(t, 3) for t in ours_times], "reference_times_s": [round(t, 3) for t in ref_times]}
 
 
+def open_tables(n: int):
+    """What the encode benchmarks start from: the real embeddings, a local[2] session, and the
+    embeddings tables of n rows and of 20,000 rows (for warm-up runs), built once under
+    benchmarks/.cache. Returns (spark, data, (n-row table, its version), (warm-up table, its version))."""
+    from audiohash.config import SparkSettings
+    from audiohash.spark.session import get_spark
+
+    data = real_embeddings("full")
+    _, db_labels, x_db = data.split("db")
+    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for rows in (n, 20_000):
+        path = str(CACHE / f"encode-embeddings-n{rows}")
+        tables.append((path, build_embeddings(spark, x_db, db_labels, rows, path)))
+    return spark, data, tables[0], tables[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -216,17 +234,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
-    from audiohash.config import SparkSettings
-    from audiohash.spark.session import get_spark
-
-    data = real_embeddings("full")
+    spark, data, (embeddings, _), (warmup, _) = open_tables(args.n)
     _, db_labels, x_db = data.split("db")
-    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    embeddings = str(CACHE / f"encode-embeddings-n{args.n}")
-    build_embeddings(spark, x_db, db_labels, args.n, embeddings)
-    warmup = str(CACHE / "encode-embeddings-n20000")
-    build_embeddings(spark, x_db, db_labels, 20_000, warmup)
     x_ref = reference_matrix(x_db, db_labels, args.n)
     load = os.getloadavg()[0]
     results = [run_method(spark, m, data, args.n, embeddings, warmup, x_ref, args.repeats)

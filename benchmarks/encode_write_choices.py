@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from encode_speed import build_embeddings, fit
-from real_data import CACHE, machine, real_embeddings
+from encode_speed import fit, open_tables
+from real_data import CACHE, machine
 
 N_SHARDS = 8
 NO_MIN_MAX = {"delta.dataSkippingNumIndexedCols": "0"}
@@ -74,17 +74,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
-    from audiohash.config import SparkSettings
-    from audiohash.spark.session import get_spark
-
-    data = real_embeddings("full")
-    _, db_labels, x_db = data.split("db")
-    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    embeddings = str(CACHE / f"encode-embeddings-n{args.n}")
-    version = build_embeddings(spark, x_db, db_labels, args.n, embeddings)
-    warmup = str(CACHE / "encode-embeddings-n20000")
-    warmup_version = build_embeddings(spark, x_db, db_labels, 20_000, warmup)
+    spark, data, (embeddings, version), (warmup, warmup_version) = open_tables(args.n)
     bundle = fit(args.method, data)
     variants = {"shipped": (True, True), "without_shuffle": (False, True), "without_stats": (True, False)}
     times: dict[str, list[float]] = {name: [] for name in variants}
