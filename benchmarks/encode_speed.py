@@ -153,6 +153,7 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
 
     from audiohash.arrow_arrays import code_matrix
     from audiohash.spark.encode import embedding_rows, encode_codes
+    from audiohash.spark.tables import table_state
 
     _, db_labels, x_db = data.split("db")
     base = build_embeddings(spark, x_db, db_labels, n, embeddings)
@@ -192,7 +193,7 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
         table = codes.select("clip_id", "code").orderBy("clip_id").toArrow()
         same = (code_matrix(table.column("code"), bundle.quantizer.code_size) == ref_codes).all(axis=1)
         n_files = len(codes.inputFiles())
-        direct = embedding_rows(spark, embeddings, base, ["db"], 1, []).file_groups is not None
+        direct = embedding_rows(spark, embeddings, base, ["db"], table_state(spark, embeddings)).file_groups is not None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours_s, reference_s = statistics.median(ours_times), statistics.median(ref_times)

@@ -40,17 +40,15 @@ NO_MIN_MAX = {"delta.dataSkippingNumIndexedCols": "0"}
 def encode_variant(spark, bundle, embeddings: str, version: int, out: str, shuffle: bool, stats: bool) -> int:
     """One full encode into ``out`` (``_full``'s steps, with the two choices as given); returns the
     number of code files written."""
-    from delta.tables import DeltaTable
 
     from audiohash.encoding import Lineage
     from audiohash.spark.encode import code_rows, embedding_rows, encode_frame
-    from audiohash.spark.tables import session_conf
+    from audiohash.spark.tables import session_conf, table_state
 
-    detail = DeltaTable.forPath(spark, embeddings).detail().first()
+    state = table_state(spark, embeddings)
     lineage = Lineage(bundle.model_name, bundle.model_version, N_SHARDS, ("db",), embeddings, version)
     with session_conf(spark, {"spark.sql.maxConcurrentOutputFileWriters": str(N_SHARDS)}):
-        rows = embedding_rows(spark, embeddings, version, ["db"], detail["minReaderVersion"],
-                              detail["partitionColumns"])
+        rows = embedding_rows(spark, embeddings, version, ["db"], state)
         assert rows.file_groups is not None, "the benchmark table should be read by the tasks"
         encoded, _ = encode_frame(rows, bundle, N_SHARDS)
         if shuffle:

@@ -142,6 +142,32 @@ def test_first_encode_is_full_with_lineage_and_a_rerun_writes_nothing(spark, bas
     assert version_of(spark, cfg.lake.table("codes")) == 0
 
 
+def test_table_state_lists_a_versions_files_as_spark_does(spark, lake, tmp_path):
+    """``table_state`` reads a version's files from its checksum file where Delta wrote them there:
+    the same files Spark's listing gives, for a table the encode tasks wrote and one Spark's writer
+    appended to; a version without them (a RESTORE writes no checksum here) leaves the listing to Spark."""
+    from delta.tables import DeltaTable
+
+    from audiohash.spark.tables import table_state
+
+    def listing(path):
+        return sorted(spark.read.format("delta").load(str(path)).inputFiles())
+
+    cfg = config(lake, "model.version=1")
+    codes = cfg.lake.table("codes")
+    write_embeddings(spark, lake / "embeddings", synthetic(10, 21, "listed"))
+    for path, version in ((codes, 0), (lake / "embeddings", 1)):
+        state = table_state(spark, str(path))
+        assert state.version == version and state.min_reader_version == 1 and state.properties == {}
+        assert state.files is not None and sorted(state.files) == listing(path)
+    assert table_state(spark, codes).partition_columns == ["shard"]
+    DeltaTable.forPath(spark, str(lake / "embeddings")).restoreToVersion(0)
+    state = table_state(spark, str(lake / "embeddings"))
+    assert state.version == 2 and (state.files is None or sorted(state.files) == listing(lake / "embeddings"))
+    with pytest.raises(AudiohashError, match=f"{tmp_path / 'nowhere'} is not a Delta table"):
+        table_state(spark, str(tmp_path / "nowhere"))
+
+
 def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(spark, lake, capsys):
     cfg = config(lake, "model.version=1")
     first_run = set(codes_of(spark, cfg)["encode_run_id"])

@@ -38,9 +38,9 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import CODES_COLUMNS, EncodePlan, Lineage, data_file, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, overwrite_delta,
-                                    qualified_uri, session_conf, set_worker_threads, table_exists,
-                                    table_version, write_and_commit)
+from audiohash.spark.tables import (TableState, append_delta, direct_read_groups, indexed_tasks,
+                                    overwrite_delta, qualified_uri, session_conf, set_worker_threads,
+                                    table_exists, table_state, table_version, write_and_commit)
 from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
@@ -125,17 +125,18 @@ class EmbeddingRows:
     file_groups: list[list[str]] | None = None
 
 
-def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, splits: list[str],
-                   min_reader_version: int, partition_columns: list[str],
+def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, splits: list[str], state: TableState,
                    files: tuple[str, ...] | None = None, direct_read: bool = True) -> EmbeddingRows:
     """The rows to encode (see ``read_rows``), with the file groups of a direct read where the
     version's files qualify (``table_files.direct_readable``): one task per core, each at most
-    ``ENCODE_TASK_BYTES`` of files, streamed in batches."""
+    ``ENCODE_TASK_BYTES`` of files, streamed in batches. ``state``: the table's latest
+    (``table_state``): its protocol and partitioning, and its files if ``version`` is the latest."""
     frame = read_rows(spark, embeddings_table, version, splits, files)
     rows = EmbeddingRows(frame, tuple(splits))
     if direct_read:
-        rows.file_groups = direct_read_groups(frame, min_reader_version, partition_columns,
-                                              _direct_columns(splits), ENCODE_TASK_BYTES)
+        listed = state.files if files is None and version == state.version else None
+        rows.file_groups = direct_read_groups(frame, state.min_reader_version, state.partition_columns,
+                                              _direct_columns(splits), ENCODE_TASK_BYTES, listed)
     log.info("encode reads %s", f"{sum(map(len, rows.file_groups))} files in {len(rows.file_groups)} tasks"
              if rows.file_groups is not None else "rows from Spark's Delta reader")
     return rows
@@ -379,12 +380,11 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
     started = time.time()
     if not table_exists(spark, embeddings_table):
         raise AudiohashError(f"embeddings table {embeddings_table} does not exist; run jobs/extract.py first")
-    version = table_version(spark, embeddings_table) if embeddings_version is None else embeddings_version
-    detail = DeltaTable.forPath(spark, embeddings_table).detail().first()
-    table_id = detail["id"]
+    state = table_state(spark, embeddings_table)
+    version = state.version if embeddings_version is None else embeddings_version
+    table_id = state.table_id
     # Appended files are read as plain Parquet (see read_rows): only where file rows = table rows.
-    plain = not detail["partitionColumns"] and (detail["properties"] or {}).get("delta.columnMapping.mode",
-                                                                                "none") == "none"
+    plain = not state.partition_columns and state.properties.get("delta.columnMapping.mode", "none") == "none"
     requested = Lineage(bundle.model_name, bundle.model_version, n_shards, tuple(splits), embeddings_table,
                         version, table_id, run_id, model_run_id)
     previous, current = None, None
@@ -399,8 +399,7 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
     log.info("encode plan: %s (%s)", plan.mode, plan.reason)
 
     def read(files: tuple[str, ...] | None = None) -> EmbeddingRows:
-        return embedding_rows(spark, embeddings_table, version, splits, detail["minReaderVersion"],
-                              detail["partitionColumns"], files, direct_read)
+        return embedding_rows(spark, embeddings_table, version, splits, state, files, direct_read)
 
     written = _Written(None, reason=plan.reason)
     if plan.mode != "none":
@@ -459,10 +458,10 @@ def count_coded(spark: SparkSession, codes_table: str, clip_ids: pa.Array) -> in
     """How many of ``clip_ids`` already have a row in the code table. Where its files qualify
     (``table_files.direct_readable``), the tasks read their clip_id column with pyarrow and count
     the matches (no code row goes through the JVM); else a semi-join on Spark's reader."""
-    coded = spark.read.format("delta").load(codes_table)
-    detail = DeltaTable.forPath(spark, codes_table).detail().select("minReaderVersion", "partitionColumns").first()
-    groups = direct_read_groups(coded, detail["minReaderVersion"], detail["partitionColumns"], ["clip_id"],
-                                SCAN_TASK_BYTES)
+    state = table_state(spark, codes_table)
+    coded = spark.read.format("delta").option("versionAsOf", state.version).load(codes_table)
+    groups = direct_read_groups(coded, state.min_reader_version, state.partition_columns, ["clip_id"],
+                                SCAN_TASK_BYTES, state.files)
     if groups is None:
         new = spark.createDataFrame(pa.table({"clip_id": clip_ids}))
         return coded.select("clip_id").join(F.broadcast(new), on="clip_id", how="left_semi").count()

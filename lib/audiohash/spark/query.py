@@ -23,7 +23,7 @@ from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.encode import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, session_conf,
-                                    set_worker_threads)
+                                    set_worker_threads, table_state)
 from audiohash.table_files import SCAN_TASK_BYTES, read_parquet_files
 
 log = logging.getLogger("audiohash.query")
@@ -64,18 +64,19 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-    # The table's file count bounds its scan partitions (Spark packs small files together) and is
-    # read from Delta's metadata, while counting the partitions would plan the whole scan.
-    detail = (DeltaTable.forPath(spark, codes_table).detail()
-              .select("numFiles", "minReaderVersion", "partitionColumns").first())
-    n_files = detail["numFiles"]
     groups = None  # data files per scan task, when the tasks read them directly
     if direct_read:
-        groups = direct_read_groups(codes, detail["minReaderVersion"], detail["partitionColumns"],
-                                    ["clip_id", "code"], SCAN_TASK_BYTES)
+        state = table_state(spark, codes_table)
+        listed = state.files if state.version == version else None
+        groups = direct_read_groups(codes, state.min_reader_version, state.partition_columns,
+                                    ["clip_id", "code"], SCAN_TASK_BYTES, listed)
     if groups is not None:
         groups = groups or [[]]  # an empty table: one task that scans nothing
         n_files = len(groups)
+    else:
+        # The table's file count bounds its scan partitions (Spark packs small files together) and
+        # is read from Delta's metadata, while counting the partitions would plan the whole scan.
+        n_files = DeltaTable.forPath(spark, codes_table).detail().select("numFiles").first()[0]
     log.info("scanning %s v%d: %s", codes_table, version, f"{sum(map(len, groups))} files read by {len(groups)} tasks"
              if groups is not None else "rows from Spark's Delta reader")
     batches = plan_query_batches(len(queries), query_batch, k, n_files,
