@@ -195,10 +195,14 @@ def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(
     assert "nothing changed" in encode(cfg, capsys)
 
 
-def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark, lake, capsys):
-    """An appended row whose clip already has a code replaces that code (MERGE); the known-clip
+def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark, lake, capsys, caplog):
+    """An appended row whose clip already has a code replaces that code (MERGE; the code files the
+    tasks wrote while the known clips were counted are deleted, not committed); the known-clip
     count is the same whether the tasks read the code files or Spark's reader does; a clip twice
     in the appended files stops the run, naming it."""
+    import json
+    import logging
+
     from audiohash.spark.encode import count_coded
     from audiohash.tracking import load_registered_bundle
 
@@ -210,10 +214,17 @@ def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark
     again["embedding"] = again["embedding"].map(lambda v: [2 * f + 1 for f in v])
     write_embeddings(spark, lake / "embeddings", pd.concat([again, synthetic(3, 9, "fresh")], ignore_index=True))
 
-    out = encode(cfg, capsys)
+    with caplog.at_level(logging.INFO):
+        out = encode(cfg, capsys)
     assert "encode (append: 1 file(s) appended" in out and "5 clips encoded" in out
+    assert re.search(r"\d+ files written, not committed \(commit_if said no\): deleted", caplog.text)
+    assert "2 appended clips already have a code: MERGE" in caplog.text
     codes = codes_of(spark, cfg)
     assert codes.index.is_unique and len(codes) == N_DB + 3
+    logged = {json.loads(line)["add"]["path"] for commit in sorted(Path(codes_table, "_delta_log").glob("*.json"))
+              for line in commit.read_text().splitlines() if '"add"' in line}
+    on_disk = {str(f.relative_to(codes_table)) for f in Path(codes_table).rglob("*.parquet")}
+    assert on_disk == logged  # no file of the vetoed blind append is left behind
     quantizer = load_registered_bundle(cfg, "1").quantizer
     replaced = quantizer.encode(np.stack(again["embedding"].to_numpy()).astype(np.float32))
     assert [bytes(c) for c in codes.loc[["db-00001", "db-00002"], "code"]] == [bytes(c) for c in replaced]

@@ -23,7 +23,9 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 from delta.tables import DeltaTable
@@ -199,12 +201,14 @@ CODE_FILES_SCHEMA = pa.schema([("path", pa.string()), ("partition", pa.int32()),
 
 
 def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBundle, codes_table: str, lineage: Lineage,
-                     encoded_at: dt.datetime, replace: bool, batch_rows: int = 65536) -> tuple[int, int, int] | None:
+                     encoded_at: dt.datetime, replace: bool, batch_rows: int = 65536,
+                     commit_if: Callable[[], bool] = lambda: True) -> tuple[int, int, int] | None:
     """Where the tasks read the embeddings files themselves and the code table is on ``file:``
     storage, they also write the code files (pyarrow, one per shard per task, streamed batch by
     batch) and the driver commits them in one Delta transaction (``tables.write_and_commit``), so
     no code row goes through the JVM. Returns (code table version, code rows written, rows left
-    out as bad embeddings), or None where this does not apply (the caller uses Spark's writer)."""
+    out as bad embeddings), or None where this does not apply (the caller uses Spark's writer)
+    or ``commit_if()`` said no once the files were written (they are deleted)."""
     if rows.file_groups is None:
         return None
     uri = qualified_uri(spark, codes_table)
@@ -232,12 +236,10 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
 
     try:
         committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace,
-                                     lineage.to_json(), write_files)
+                                     lineage.to_json(), write_files, commit_if)
     finally:
         payload.unpersist()
     if committed is None:
-        log.info("code table %s has another schema, layout or protocol: written through Spark's Delta writer",
-                 codes_table)
         return None
     version, files = committed
     log.info("committed %s version %d: %d code files written by %d tasks", codes_table, version, len(files),
@@ -427,6 +429,8 @@ def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_tabl
     if written is not None:
         version, n_codes, n_left_out = written
         return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
+    log.info("the code table is not one the encode tasks write (storage, schema, layout or protocol): "
+             "written through Spark's Delta writer")
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     # One task per shard writes it: one file per shard, whatever the number of input files or
     # tasks. Shuffled before the columns every row shares are added (fewer bytes to move).
@@ -492,13 +496,21 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
         raise AudiohashError(f"embeddings table {lineage.embeddings_table} version {lineage.embeddings_version}: "
                              f"clip_id {twice!r} appears more than once in the appended files; clip_id must "
                              f"be unique (delete the duplicate rows, or re-extract)")
-    known = count_coded(spark, codes_table, clip_ids)
     encoded_at = dt.datetime.now(dt.timezone.utc)
-    if not known:  # only new clips: a blind append, the cheapest commit
-        written = write_code_files(spark, rows, bundle, codes_table, lineage, encoded_at, False, batch_rows)
-        if written is not None:
-            version, n_codes, n_left_out = written
-            return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
+    # Only new clips make a blind append, the cheapest commit: the tasks encode and write the codes
+    # while a concurrent Spark job counts the appended clips that already have one, and the codes
+    # are committed only if none has (else they are deleted, and a MERGE replaces those codes).
+    with ThreadPoolExecutor(1) as pool:
+        known_count = pool.submit(count_coded, spark, codes_table, clip_ids)
+        written = write_code_files(spark, rows, bundle, codes_table, lineage, encoded_at, False, batch_rows,
+                                   commit_if=lambda: known_count.result() == 0)
+        known = known_count.result()
+    if written is not None:
+        version, n_codes, n_left_out = written
+        return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
+    log.info("%s", f"{known} appended clips already have a code: MERGE" if known else
+             "the code table is not one the encode tasks write (storage, schema, layout or protocol): "
+             "written through Spark's Delta writer")
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, encoded_at)
     if known:  # some appended clips already have a code: replace those rows

@@ -125,15 +125,17 @@ DIRECT_PROTOCOL = {"minReaderVersion": 1, "minWriterVersion": 2}
 
 
 def write_and_commit(spark: SparkSession, path: str, schema: StructType, partition_column: str, replace: bool,
-                     user_metadata: str, write_files: Callable[[], list[dict]]) -> tuple[int, list[dict]] | None:
+                     user_metadata: str, write_files: Callable[[], list[dict]],
+                     commit_if: Callable[[], bool] = lambda: True) -> tuple[int, list[dict]] | None:
     """Write Parquet data files with ``write_files`` (the executors, ``table_files.write_partitioned``:
     [{path, partition, size, rows}]) and commit them to the Delta table at ``path`` in one
     transaction, started before they are written: as the table's whole content (``replace``: every
     current file is removed in the same commit) or added to it; creates the table if needed.
     Returns (committed version, the files). Returns None, writing nothing, when the existing table
     has another schema, partitioning, protocol or settings than this writer makes (the caller then
-    writes through Spark's Delta writer). A run stopped before the commit leaves only unreferenced
-    files, as Spark's writer does (VACUUM removes them).
+    writes through Spark's Delta writer); also None when ``commit_if()``, asked once the files are
+    written, says no: the files are then deleted, nothing is committed. A run stopped before the
+    commit leaves only unreferenced files, as Spark's writer does (VACUUM removes them).
 
     delta-spark has no Python API for committing files written elsewhere; this uses its JVM
     transaction (``DeltaLog.startTransaction``, ``OptimisticTransaction.commit``, actions parsed by
@@ -160,6 +162,12 @@ def write_and_commit(spark: SparkSession, path: str, schema: StructType, partiti
         if not same:
             return None
     files = write_files()
+    if not commit_if():
+        filesystem, root = fs.FileSystem.from_uri(qualified_uri(spark, path))
+        for f in files:
+            filesystem.delete_file(f"{root}/{f['path']}")
+        log.info("%s: %d files written, not committed (commit_if said no): deleted", path, len(files))
+        return None
     jactions = jvm.java.util.ArrayList()
     for action in actions:
         jactions.add(delta.actions.Action.fromJson(json.dumps(action)))
