@@ -136,9 +136,8 @@ def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, spl
     frame = read_rows(spark, embeddings_table, version, splits, files)
     rows = EmbeddingRows(frame, tuple(splits))
     if direct_read:
-        listed = state.files if files is None and version == state.version else None
-        rows.file_groups = direct_read_groups(frame, state.min_reader_version, state.partition_columns,
-                                              _direct_columns(splits), ENCODE_TASK_BYTES, listed)
+        rows.file_groups = direct_read_groups(frame, state, _direct_columns(splits), ENCODE_TASK_BYTES,
+                                              version if files is None else None)
     log.info("encode reads %s", f"{sum(map(len, rows.file_groups))} files in {len(rows.file_groups)} tasks"
              if rows.file_groups is not None else "rows from Spark's Delta reader")
     return rows
@@ -464,8 +463,7 @@ def count_coded(spark: SparkSession, codes_table: str, clip_ids: pa.Array) -> in
     the matches (no code row goes through the JVM); else a semi-join on Spark's reader."""
     state = table_state(spark, codes_table)
     coded = spark.read.format("delta").option("versionAsOf", state.version).load(codes_table)
-    groups = direct_read_groups(coded, state.min_reader_version, state.partition_columns, ["clip_id"],
-                                SCAN_TASK_BYTES, state.files)
+    groups = direct_read_groups(coded, state, ["clip_id"], SCAN_TASK_BYTES, state.version)
     if groups is None:
         new = spark.createDataFrame(pa.table({"clip_id": clip_ids}))
         return coded.select("clip_id").join(F.broadcast(new), on="clip_id", how="left_semi").count()

@@ -66,10 +66,8 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
     groups = None  # data files per scan task, when the tasks read them directly
     if direct_read:
-        state = table_state(spark, codes_table)
-        listed = state.files if state.version == version else None
-        groups = direct_read_groups(codes, state.min_reader_version, state.partition_columns,
-                                    ["clip_id", "code"], SCAN_TASK_BYTES, listed)
+        groups = direct_read_groups(codes, table_state(spark, codes_table), ["clip_id", "code"], SCAN_TASK_BYTES,
+                                    version)
     if groups is not None:
         groups = groups or [[]]  # an empty table: one task that scans nothing
         n_files = len(groups)

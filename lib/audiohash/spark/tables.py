@@ -95,17 +95,19 @@ def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
     return table_version(df.sparkSession, path)
 
 
-def direct_read_groups(rows: DataFrame, min_reader_version: int, partition_columns: list[str], columns: list[str],
-                       max_task_bytes: int, files: tuple[str, ...] | None = None) -> list[list[str]] | None:
-    """The data files behind ``rows`` (a Delta version, or given Parquet files of it; ``files``:
-    already known, e.g. ``TableState.files``) grouped into tasks that read them with pyarrow
+def direct_read_groups(rows: DataFrame, state: TableState, columns: list[str], max_task_bytes: int,
+                       version: int | None) -> list[list[str]] | None:
+    """The data files behind ``rows`` grouped into tasks that read them with pyarrow
     (``table_files.balance_files``: one task per core while a task stays under ``max_task_bytes``);
     None where they do not qualify (``table_files.direct_readable``) and Spark's reader must feed
-    the tasks."""
-    if min_reader_version != 1:
+    the tasks. ``rows``: ``version`` of the table whose latest state is ``state`` (its files come
+    from ``state`` when that is the latest and lists them), or given Parquet files of it
+    (``version`` None: Spark lists them)."""
+    if state.min_reader_version != 1:
         return None  # cannot qualify: spare the file listing
-    uris = rows.inputFiles() if files is None else list(files)  # the listing Spark's scan would make
-    if not direct_readable(min_reader_version, partition_columns, uris, columns):
+    # The listing Spark's scan would make, fully qualified.
+    uris = list(state.files) if version == state.version and state.files is not None else rows.inputFiles()
+    if not direct_readable(state.min_reader_version, state.partition_columns, uris, columns):
         return None
     spark = rows.sparkSession
     cores = max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
