@@ -49,6 +49,8 @@ log = logging.getLogger("audiohash.encode")
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Commits that rearrange files or settings but not rows: the lineage before them still holds.
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
+SPARK_WRITER_NOTE = ("the code table is not one the encode tasks write (storage, schema, layout or protocol): "
+                     "written through Spark's Delta writer")
 HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
 MAX_LOG_VERSIONS = 1000  # embeddings commits read to find appended files; more: compare every row
 
@@ -428,8 +430,7 @@ def _full(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_tabl
     if written is not None:
         version, n_codes, n_left_out = written
         return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
-    log.info("the code table is not one the encode tasks write (storage, schema, layout or protocol): "
-             "written through Spark's Delta writer")
+    log.info(SPARK_WRITER_NOTE)
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     # One task per shard writes it: one file per shard, whatever the number of input files or
     # tasks. Shuffled before the columns every row shares are added (fewer bytes to move).
@@ -506,9 +507,7 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
     if written is not None:
         version, n_codes, n_left_out = written
         return _Written(version, n_codes, 0, n_left_out > 0, plan.reason)
-    log.info("%s", f"{known} appended clips already have a code: MERGE" if known else
-             "the code table is not one the encode tasks write (storage, schema, layout or protocol): "
-             "written through Spark's Delta writer")
+    log.info("%s", f"{known} appended clips already have a code: MERGE" if known else SPARK_WRITER_NOTE)
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, encoded_at)
     if known:  # some appended clips already have a code: replace those rows
