@@ -24,14 +24,14 @@ import pyarrow.compute as pc
 from audiohash.arrow_arrays import binary_column
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
-from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL
+from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, column_names
 
 ENCODE_MODES = ("incremental", "full")
 # Rows per quantizer.encode call. PQ's faiss encode builds rows x M x 256 float distance tables:
 # at 16384 rows that is 128 MB for M = 8, which keeps it from paging in gigabytes per batch.
 ENCODE_CHUNK_ROWS = 16384
-ENCODED_COLUMNS = [c.split()[0] for c in ENCODED_DDL.split(", ")]
-CODES_COLUMNS = [c.split()[0] for c in CODES_DDL.split(", ")]
+ENCODED_COLUMNS = column_names(ENCODED_DDL)
+CODES_COLUMNS = column_names(CODES_DDL)
 
 
 def shard_of(clip_ids: list[str], n_shards: int) -> np.ndarray:

@@ -24,13 +24,13 @@ import pandas as pd
 from audiohash.audio import AudioRejected, decode_audio, split_windows
 from audiohash.errors import AudiohashError
 from audiohash.features import Extractor
-from audiohash.schemas import EXTRACT_OUTPUT_DDL, INPUT_FILE_COLUMNS
+from audiohash.schemas import EXTRACT_OUTPUT_DDL, INPUT_FILE_COLUMNS, column_names
 
 log = logging.getLogger("audiohash.extraction")
 
 INPUT_COLUMNS = [c for c in INPUT_FILE_COLUMNS if c != "content"]  # clip_id, path, label, split, source
 # What ``embed_files`` returns.
-OUTPUT_COLUMNS = [c.split()[0] for c in EXTRACT_OUTPUT_DDL.split(", ")]
+OUTPUT_COLUMNS = column_names(EXTRACT_OUTPUT_DDL)
 # File name suffixes the folder input treats as audio (compared lower-case). Formats libsndfile
 # cannot decode (m4a, aac, wma, ...) are still inputs: they end as 'unsupported_format' rejects
 # instead of vanishing from the accounting.

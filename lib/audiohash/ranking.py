@@ -18,7 +18,7 @@ from audiohash.arrow_arrays import code_matrix
 from audiohash.bundle import ModelBundle
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import Quantizer
-from audiohash.schemas import RESULTS_DDL
+from audiohash.schemas import RESULTS_DDL, column_names
 
 
 @dataclass
@@ -191,4 +191,4 @@ def results_batch(query_ids: np.ndarray, ranked_ids: np.ndarray, distances: np.n
         pa.array([run_id] * (nq * r), pa.string()),
         pa.array([model_name] * (nq * r), pa.string()),
         pa.array(np.full(nq * r, model_version, np.int32)),
-    ], names=[c.split()[0] for c in RESULTS_DDL.split(", ")])
+    ], names=column_names(RESULTS_DDL))

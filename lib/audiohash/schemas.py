@@ -1,6 +1,12 @@
 """Table schemas, as Spark DDL strings (used by the Spark layer) and the column names the pure
 workers produce. Kept free of pyspark so the workers and their tests do not need Spark."""
 
+
+def column_names(ddl: str) -> list[str]:
+    """The column names of a DDL string of this module, in order."""
+    return [column.split()[0] for column in ddl.split(", ")]
+
+
 # Files to embed, as the Spark layer hands them to ``extraction.embed_files`` (``content``, the
 # bytes, only when Spark's binaryFile source read them; local files are read by the worker).
 INPUT_FILE_COLUMNS = ["clip_id", "path", "label", "split", "source", "content"]

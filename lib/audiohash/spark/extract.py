@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from audiohash.errors import AudiohashError
 from audiohash.extraction import (AUDIO_SUFFIXES, INPUT_COLUMNS, balanced_order, base_clip_ids, embed_files,
                                   folder_inputs, hadoop_path, manifest_inputs, plan_extract)
-from audiohash.schemas import EMBEDDINGS_DDL, EXTRACT_OUTPUT_DDL, REJECTS_DDL
+from audiohash.schemas import EMBEDDINGS_DDL, EXTRACT_OUTPUT_DDL, REJECTS_DDL, column_names
 from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
                                     table_version)
 
@@ -59,8 +59,8 @@ FILES_PER_TASK = 2000  # at most, for local files; fewer tasks start fewer Arrow
 MAX_TASK_BYTES = 128 << 20  # at most, for binaryFile reads (Spark's maxPartitionBytes default)
 MAX_STATUS_LOOKUPS = 10_000  # manifest files Spark's listing missed, looked up one by one
 INPUT_DDL = "clip_id string, path string, label string, split string, source string"
-EMBEDDING_COLUMNS = [c.split()[0] for c in EMBEDDINGS_DDL.split(", ")]
-REJECT_COLUMNS = [c.split()[0] for c in REJECTS_DDL.split(", ")]
+EMBEDDING_COLUMNS = column_names(EMBEDDINGS_DDL)
+REJECT_COLUMNS = column_names(REJECTS_DDL)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
 from audiohash.errors import AudiohashError
+from audiohash.schemas import column_names
 from audiohash.table_files import balance_files, direct_readable
 
 log = logging.getLogger("audiohash.tables")
@@ -90,7 +91,7 @@ def overwrite_delta(df: DataFrame, path: str, partition_by: tuple[str, ...] = ()
 def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
     """Append in one commit, creating the table on first use."""
     if ddl is not None:
-        df = df.selectExpr(*[col.split()[0] for col in ddl.split(", ")])
+        df = df.selectExpr(*column_names(ddl))
     df.write.format("delta").mode("append").save(path)
     return table_version(df.sparkSession, path)
 
