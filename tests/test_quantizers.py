@@ -18,7 +18,7 @@ from audiohash.metrics import (
 )
 from audiohash.quantizers import METHODS, QuantizerState, load_quantizer, make_quantizer
 from audiohash.quantizers.binary import agh_projection, spectral_modes
-from audiohash.quantizers.dqn import pairwise_cosine_loss, quantization_loss
+from audiohash.quantizers.dqn import confident_pseudo_labels, pairwise_cosine_loss, quantization_loss
 
 # Few optimizer steps: these tests check the plumbing, test_supervised_beats_pq the learning.
 FAST_DQN = {"steps": 60, "warmup_steps": 20, "refit_every": 20}
@@ -221,6 +221,33 @@ def test_dqn_is_deterministic(method, data):
     codes = [fit(method, 16, x, labels, seed=3).encode(x) for _ in range(2)]
     np.testing.assert_array_equal(codes[0], codes[1])
     assert not np.array_equal(codes[0], fit(method, 16, x, labels, seed=4).encode(x))
+
+
+def test_confident_pseudo_labels_hand_worked():
+    # Rows 0 and 1 are labeled 0 and 1; rows 2-6 are not. Predicted: row 2 -> 0 (0.9), row 3 -> 0 (0.6),
+    # row 4 -> 0 (0.8), row 5 -> 1 (0.7), row 6 -> 1 (0.55).
+    probs = np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    targets = np.array([0, 1, -1, -1, -1, -1, -1])
+    # Two per label: class 0 takes its two surest (rows 2, 4), class 1 both of its rows.
+    np.testing.assert_array_equal(confident_pseudo_labels(probs, targets, 2.0), [0, 1, 0, -1, 0, 1, 1])
+    np.testing.assert_array_equal(confident_pseudo_labels(probs, targets, 1.0), [0, 1, 0, -1, -1, 1, -1])
+    np.testing.assert_array_equal(confident_pseudo_labels(probs, targets, 0.0), targets)
+    # The given labels stay whatever the head predicts for them.
+    np.testing.assert_array_equal(confident_pseudo_labels(probs[::-1], targets, 9.0)[:2], [0, 1])
+
+
+def test_self_training_changes_the_successor_only_through_unlabeled_rows(data):
+    x, labels, _ = data
+    plain = make_quantizer("dqn_cls", 16, pseudo_rounds=0, **FAST_DQN).fit(x, labels)
+    self_trained = make_quantizer("dqn_cls", 16, **FAST_DQN).fit(x, labels)
+    assert self_trained.pseudo_rounds == 2
+    assert not np.array_equal(plain.encode(x), self_trained.encode(x))
+    # With every row labeled there is nothing to pseudo-label: no round runs.
+    full = np.random.default_rng(0).integers(0, 5, len(x))
+    np.testing.assert_array_equal(make_quantizer("dqn_cls", 16, pseudo_rounds=0, **FAST_DQN).fit(x, full).encode(x),
+                                  make_quantizer("dqn_cls", 16, **FAST_DQN).fit(x, full).encode(x))
+    with pytest.raises(AudiohashError, match="pseudo_rounds"):
+        make_quantizer("dqn_cls", 16, pseudo_rounds=-1)
 
 
 def test_dqn_needs_labels(data):

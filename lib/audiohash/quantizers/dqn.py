@@ -48,6 +48,22 @@ def codebook_trainer(code_dim: int, n_subspaces: int, seed: int) -> faiss.Produc
     return pq
 
 
+def confident_pseudo_labels(probs: np.ndarray, targets: np.ndarray, per_label: float) -> np.ndarray:
+    """targets (n,) int64, -1 = unlabeled, with the most confident unlabeled rows of each class added.
+
+    probs (n, C): class probabilities. Per class c, the unlabeled rows predicted as c, most probable
+    first, up to ``per_label`` x the number of rows labeled c. Labeled rows keep their labels.
+    """
+    out = targets.copy()
+    unlabeled = np.flatnonzero(targets < 0)
+    predicted, confidence = probs[unlabeled].argmax(1), probs[unlabeled].max(1)
+    for c in range(probs.shape[1]):
+        mine = predicted == c
+        keep = int(per_label * np.count_nonzero(targets == c))
+        out[unlabeled[mine][np.argsort(-confidence[mine], kind="stable")[:keep]]] = c
+    return out
+
+
 def make_network(input_dim: int, hidden: int, code_dim: int, dropout: float) -> nn.Sequential:
     """input_dim -> hidden (ReLU, dropout) -> code_dim (tanh)."""
     return nn.Sequential(
@@ -110,13 +126,22 @@ class DQN(AdcQuantizer):
         names, classes = np.unique(labels[labeled], return_inverse=True)
         if len(names) < 2:
             raise AudiohashError(f"{self.method}: need labeled rows of two classes or more, got {len(names)}")
+        targets = np.full(len(xs), -1, np.int64)
+        targets[labeled] = classes
         # The one place the seed reaches torch; fork_rng keeps the caller's global RNG untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self._train(xs, labeled, torch.from_numpy(classes), len(names))
+            self._fit_network(xs, targets, len(names))
         return self
 
-    def _train(self, xs: np.ndarray, labeled: np.ndarray, classes: torch.Tensor, n_classes: int) -> None:
+    def _fit_network(self, xs: np.ndarray, targets: np.ndarray, n_classes: int) -> None:
+        """DQN: one training run on the labeled rows (targets >= 0)."""
+        self._train(xs, targets, n_classes)
+
+    def _train(self, xs: np.ndarray, targets: np.ndarray, n_classes: int) -> nn.Module | None:
+        """Train a fresh network (and head) on the rows with targets >= 0; returns the head."""
+        labeled = targets >= 0
+        classes = torch.from_numpy(targets[labeled])
         self.network = make_network(xs.shape[1], self.hidden, self.code_dim, self.dropout)
         head = self._make_head(n_classes)
         params = list(self.network.parameters()) + (list(head.parameters()) if head is not None else [])
@@ -142,6 +167,7 @@ class DQN(AdcQuantizer):
             loss.backward()
             optimizer.step()
         self._refit_codebooks(pq, xs, labeled)  # final codebooks match the final network
+        return head
 
     def _refit_codebooks(self, pq: faiss.ProductQuantizer, xs: np.ndarray, labeled: np.ndarray) -> np.ndarray:
         """k-means of the outputs of all rows into ``pq``; returns C h of the labeled rows (n_lab, D')."""
@@ -183,21 +209,40 @@ class DQN(AdcQuantizer):
 
 
 class DQNCls(DQN):
-    """DQN plus a linear classifier head on z trained with cross-entropy (weight ``cls_weight``).
+    """DQN plus a linear classifier head on z trained with cross-entropy (weight ``cls_weight``),
+    then self-trained on the unlabeled rows (pseudo-labeling, Lee 2013).
 
     The head pulls each class into its own linearly separable region of the code space, which
-    the pairwise loss alone only enforces between pairs seen in a batch. Same codes, same query path.
+    the pairwise loss alone only enforces between pairs seen in a batch. After the first training
+    run, each of ``pseudo_rounds`` rounds labels the unlabeled rows the head is most sure of
+    (per class, up to round x ``pseudo_per_label`` x its labeled count, see
+    ``confident_pseudo_labels``) and trains a fresh network on the given and those labels. The
+    given labels are never replaced. Same codes, same query path.
     """
 
     method = "dqn_cls"
-    _HYPER = DQN._HYPER + ("cls_weight",)
+    _HYPER = DQN._HYPER + ("cls_weight", "pseudo_rounds", "pseudo_per_label")
 
-    def __init__(self, n_bits: int, seed: int = 0, cls_weight: float = 1.0, **hyper):
+    def __init__(self, n_bits: int, seed: int = 0, cls_weight: float = 1.0, pseudo_rounds: int = 2,
+                 pseudo_per_label: float = 2.0, **hyper):
         super().__init__(n_bits, seed, **hyper)
         self.cls_weight = float(cls_weight)
+        self.pseudo_rounds, self.pseudo_per_label = int(pseudo_rounds), float(pseudo_per_label)
+        if self.pseudo_rounds < 0 or self.pseudo_per_label < 0:
+            raise AudiohashError(f"{self.method}: pseudo_rounds and pseudo_per_label must be >= 0, "
+                                 f"got {pseudo_rounds}, {pseudo_per_label}")
 
     def _make_head(self, n_classes: int) -> nn.Module:
         return nn.Linear(self.code_dim, n_classes)
 
     def _head_loss(self, head: nn.Module, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return self.cls_weight * F.cross_entropy(head(z), classes)
+
+    def _fit_network(self, xs: np.ndarray, targets: np.ndarray, n_classes: int) -> None:
+        head = self._train(xs, targets, n_classes)
+        rounds = self.pseudo_rounds if (targets < 0).any() else 0  # every row labeled: nothing to add
+        for round_ in range(1, rounds + 1):
+            with torch.no_grad():
+                probs = torch.softmax(head(torch.from_numpy(self._forward(xs))), dim=1).numpy()
+            pseudo = confident_pseudo_labels(probs, targets, round_ * self.pseudo_per_label)
+            head = self._train(xs, pseudo, n_classes)
