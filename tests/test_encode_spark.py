@@ -293,6 +293,29 @@ def test_model_switch_reindexes_in_one_commit_and_rolls_back(spark, lake, capsys
         encode(config(lake, "encode.rollback_to=99"), capsys)
 
 
+def test_a_model_trained_on_another_extractor_is_refused(spark, lake, capsys):
+    from audiohash.bundle import ModelBundle
+    from audiohash.quantizers import make_quantizer
+    from audiohash.spark.encode import encode_codes
+    from audiohash.tracking import job_run, load_registered_bundle, log_and_register_bundle
+
+    cfg = config(lake, "model.version=3")
+    x = np.random.default_rng(0).normal(size=(300, DIM)).astype(np.float32)
+    with job_run(cfg, "train"):  # version 3, trained on vectors of the same size from another extractor
+        log_and_register_bundle(ModelBundle(make_quantizer("pq", 32).fit(x), cfg.model_name, 0,
+                                            {"extractor_version": "logmel-v1-other"}))
+    codes = cfg.lake.table("codes")
+    before = version_of(spark, codes)
+    refusal = r"holds embeddings of extractor test-v1, but model audiohash-pq-32b v3 was trained on logmel-v1-other"
+    with pytest.raises(AudiohashError, match=refusal):
+        encode(cfg, capsys)
+    for direct_read in (True, False):  # the tasks' file read and Spark's reader check alike
+        with pytest.raises(AudiohashError, match=refusal):
+            encode_codes(spark, load_registered_bundle(cfg, "3"), cfg.lake.table("embeddings"), codes,
+                         cfg.lake.table("rejects"), N_SHARDS, ["db"], "full", direct_read=direct_read)
+    assert version_of(spark, codes) == before
+
+
 SLOW_HOOK = '''
 import os, time
 import audiohash.encoding as encoding

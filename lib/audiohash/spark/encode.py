@@ -145,6 +145,30 @@ def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, spl
     return rows
 
 
+def check_extractor(rows: EmbeddingRows, bundle: ModelBundle, embeddings_table: str) -> None:
+    """AudiohashError when the rows were embedded by another extractor version than the one the
+    bundle was trained on (its ``meta["extractor_version"]``, set by the train job): same-size
+    vectors from another extractor would be coded without a word. One row is read: the extract
+    job keeps one extractor version per table (a change overwrites it)."""
+    from audiohash.table_files import read_parquet_files
+
+    expected = bundle.meta.get("extractor_version")
+    if not expected:
+        return
+    if rows.file_groups is not None:
+        uris = [uri for group in rows.file_groups for uri in group]
+        found = next((batch.column(0)[0].as_py() for batch in read_parquet_files(uris, ["extractor_version"])
+                      if batch.num_rows), None)
+    else:
+        first = rows.frame.select("extractor_version").limit(1).collect()
+        found = first[0][0] if first else None
+    if found is not None and found != expected:
+        raise AudiohashError(
+            f"{embeddings_table} holds embeddings of extractor {found}, but model {bundle.model_name} "
+            f"v{bundle.model_version} was trained on {expected}: train a model on these embeddings "
+            f"(jobs/train.py) or re-extract with {expected}; nothing was written")
+
+
 def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
                  batch_rows: int = 65536) -> tuple[DataFrame, Accumulator]:
     """Embedding rows -> ``ENCODED_DDL`` rows, encoded in the executors (``encoding.encode_batch``).
@@ -402,7 +426,9 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
     log.info("encode plan: %s (%s)", plan.mode, plan.reason)
 
     def read(files: tuple[str, ...] | None = None) -> EmbeddingRows:
-        return embedding_rows(spark, embeddings_table, version, splits, state, files, direct_read)
+        rows = embedding_rows(spark, embeddings_table, version, splits, state, files, direct_read)
+        check_extractor(rows, bundle, embeddings_table)
+        return rows
 
     written = _Written(None, reason=plan.reason)
     if plan.mode != "none":
