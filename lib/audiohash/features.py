@@ -76,7 +76,7 @@ class LogMelExtractor(Extractor):
     whatever share of the window it fills; the spread of the frame-to-frame change measures
     how the spectrum moves (attack, vibrato, tremolo, noise), which the v1 mean and std could
     not tell from a steady note. On the GM benchmark (benchmarks/quality.py, README Results) this
-    lifted mAP@all at 32 bits from 0.16 to 0.29 for PQ and 0.37 to 0.48 for DQN, at 128 dims too.
+    lifted mAP@all at 32 bits from 0.16 to 0.29 for PQ and 0.37 to 0.47 for DQN, at 128 dims too.
 
     Defaults: 64 ms Hann window (n_fft = win_length = 1024, so every FFT bin is measured, not
     interpolated by zero-padding), 10 ms hop, 32 Slaney mel bands over 0-8000 Hz. Frames are
