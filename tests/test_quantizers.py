@@ -250,6 +250,14 @@ def test_self_training_changes_the_successor_only_through_unlabeled_rows(data):
         make_quantizer("dqn_cls", 16, pseudo_rounds=-1)
 
 
+def test_a_bundle_from_before_self_training_is_refused_by_name(data):
+    x, labels, _ = data
+    state = make_quantizer("dqn_cls", 16, **FAST_DQN).fit(x, labels).state()
+    old = {k: v for k, v in state.params.items() if not k.startswith("pseudo_")}
+    with pytest.raises(AudiohashError, match=r"lacks the hyper-parameters \['pseudo_rounds', 'pseudo_per_label'\]"):
+        load_quantizer(QuantizerState(state.method, old, state.arrays, state.torch_state))
+
+
 def test_dqn_needs_labels(data):
     x, _, _ = data
     with pytest.raises(AudiohashError, match="labels"):

@@ -201,6 +201,10 @@ class DQN(AdcQuantizer):
         return params, {"centroids": self.centroids}, torch_state
 
     def _load_state(self, params, arrays, torch_state):
+        missing = [name for name in self._HYPER if name not in params]
+        if missing:  # e.g. a dqn_cls bundle from before self-training: its training is not ours
+            raise AudiohashError(f"{self.method} bundle lacks the hyper-parameters {missing}: it was trained by an "
+                                 f"older audiohash; train it again (jobs/train.py)")
         for name in self._HYPER:
             setattr(self, name, params[name])
         self.centroids = np.asarray(arrays["centroids"], np.float32)
