@@ -6,7 +6,7 @@ Files: the first ``--clips`` rows of the GM benchmark dataset (``audiohash.datas
 real rendered 2-s 16 kHz WAV clips), rendered once under benchmarks/.cache/dataset-full-0 and
 reused (real_data.py renders the same folder); every file is read once before timing, so both
 sides read from the page cache. In one run it times:
-  (a) ours_s: the extract job on local[2] (``spark.extract.extract_embeddings``, the default logmel
+  (a) ours_s: the extract job on local[2] (``spark.extract.extract_embeddings``, the default timbre
       extractor) from a manifest of those files to the committed Delta embeddings table, into a
       fresh lake each time. Session start is excluded. The first run (``cold_s``) also pays what a
       Spark application pays once: the Python workers' start (importing torch, ~2 s of CPU each),
@@ -42,6 +42,7 @@ from real_data import CACHE, machine
 
 from audiohash.audio import decode_audio
 from audiohash.dataset import render_dataset
+from audiohash.config import DEFAULT_EXTRACTOR
 from audiohash.features import get_extractor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,7 +91,7 @@ def process_tree_cpu_s() -> float | None:
 def reference_loop(paths: list[str], threads: int) -> tuple[float, float, np.ndarray]:
     """The plain loop: read, decode, embed one file at a time.
     Returns (seconds, CPU seconds, embeddings (n, d) float32)."""
-    extractor = get_extractor("logmel")
+    extractor = get_extractor(DEFAULT_EXTRACTOR)
     torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     vectors = []
@@ -108,7 +109,7 @@ def run_job(spark, manifest: Path, lake: Path) -> tuple[float, float | None, obj
     shutil.rmtree(lake, ignore_errors=True)
     c0, t0 = process_tree_cpu_s(), time.perf_counter()
     summary = extract_embeddings(spark, str(manifest), str(lake / "embeddings"), str(lake / "rejects"),
-                                 "logmel", {"window_s": 2.0})
+                                 DEFAULT_EXTRACTOR, {"window_s": 2.0})
     seconds, c1 = time.perf_counter() - t0, process_tree_cpu_s()
     return seconds, (c1 - c0 if c0 is not None and c1 is not None else None), summary
 

@@ -3,7 +3,7 @@
     python benchmarks/quality.py --out FILE.json [--small]
 
 Renders (or reuses, under benchmarks/.cache) the GM benchmark dataset, embeds it with the default
-logmel extractor, and then, in one process and with the train job's own code
+extractor (timbre), and then, in one process and with the train job's own code
 (``training.train_bundle``: the same stratified label sample, the same seeds, the database rows
 sorted by clip_id as the job reads them):
 - for each method in {sh, itq, agh, pq, opq, dqn, dqn_cls} and bits in {8, 16, 24, 32, 64}, trains
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     _, y_db, x_db = split("db")
     _, y_q, x_q = split("query")
     dataset = {"size": size, "seed": 0, "n_db": len(x_db), "n_query": len(x_q), "n_classes": len(set(y_db)),
-               "embedding": "logmel (128-d log-mel statistics)", "banks": sorted(set(data.sources))}
+               "embedding": f"{data.extractor_version} ({x_db.shape[1]}-d)", "banks": sorted(set(data.sources))}
     log.info("dataset: %s", dataset)
     methods = [m for m in args.methods.split(",") if m]
     bits_list = [int(b) for b in args.bits.split(",") if b]

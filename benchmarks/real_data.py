@@ -1,5 +1,5 @@
 """Real embeddings for the benchmarks: the GM benchmark dataset rendered from the soundfonts and
-embedded with the default logmel extractor, in-process, cached under benchmarks/.cache.
+embedded with the default extractor (timbre), in-process, cached under benchmarks/.cache.
 
 Benchmarks never time this part; they time the jobs over what it returns.
 """
@@ -14,6 +14,7 @@ import pandas as pd
 
 from audiohash.audio import decode_audio
 from audiohash.dataset import render_dataset
+from audiohash.config import DEFAULT_EXTRACTOR
 from audiohash.features import get_extractor
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -26,7 +27,8 @@ class RealEmbeddings:
     labels: np.ndarray  # object (n,)
     splits: np.ndarray  # object (n,): db | query
     sources: np.ndarray  # object (n,): soundfont bank
-    x: np.ndarray  # float32 (n, 128)
+    x: np.ndarray  # float32 (n, d)
+    extractor_version: str
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(clip_ids, labels, x) of one split."""
@@ -35,10 +37,10 @@ class RealEmbeddings:
 
 
 def real_embeddings(size: str = "full", seed: int = 0, cache: Path = CACHE) -> RealEmbeddings:
-    """Render (or reuse) the dataset and embed every clip with logmel (or reuse the npz)."""
+    """Render (or reuse) the dataset and embed every clip with the default extractor (or reuse the npz)."""
     manifest_path = Path(render_dataset(cache / f"dataset-{size}-{seed}", size=size, seed=seed))
     manifest = pd.read_csv(manifest_path)
-    extractor = get_extractor("logmel")
+    extractor = get_extractor(DEFAULT_EXTRACTOR)
     npz = cache / f"embeddings-{size}-{seed}-{extractor.version}.npz"
     if npz.exists():
         x = np.load(npz)["x"]
@@ -51,7 +53,7 @@ def real_embeddings(size: str = "full", seed: int = 0, cache: Path = CACHE) -> R
             x[start: start + len(rows)] = extractor.embed(np.stack(waves))
         np.savez(npz, x=x)
     return RealEmbeddings(manifest["clip_id"].to_numpy(object), manifest["label"].to_numpy(object),
-                          manifest["split"].to_numpy(object), manifest["soundfont"].to_numpy(object), x)
+                          manifest["split"].to_numpy(object), manifest["soundfont"].to_numpy(object), x, extractor.version)
 
 
 def replicate(x: np.ndarray, n: int, noise: float = 0.05, seed: int = 0) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Extractors: logmel statistics checked against hand-worked properties; torchscript against the
-eager model it was saved from; the registry and the per-process cache."""
+"""Extractors: logmel statistics and timbre descriptors checked against hand-worked properties;
+torchscript against the eager model it was saved from; the registry and the per-process cache."""
 import hashlib
 
 import librosa
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from audiohash.errors import AudiohashError
-from audiohash.features import LogMelExtractor, TorchScriptExtractor, get_extractor, make_extractor
+from audiohash.features import LogMelExtractor, TimbreExtractor, TorchScriptExtractor, get_extractor, make_extractor
 
 SR = 16000
 # torch 2.15 marks torch.jit.script/trace/save deprecated; the tests still need TorchScript files.
@@ -107,9 +107,94 @@ def test_logmel_rejects_bad_batches_and_parameters(logmel):
         make_extractor("logmel", fmax=9000.0)
 
 
+# ---- timbre --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def timbre() -> TimbreExtractor:
+    return make_extractor("timbre")
+
+
+T = np.arange(32000) / SR
+
+
+def descriptor(e: np.ndarray, name: str) -> np.ndarray:
+    """The named descriptor columns of timbre rows e (b, 224), in the order the docstring gives."""
+    spans = {"cepstral": (128, 144), "envelope": (144, 153), "modulation": (153, 177), "shape": (177, 187),
+             "harmonicity": (187, 192), "shift": (192, 224)}
+    lo, hi = spans[name]
+    return e[:, lo:hi]
+
+
+def harmonic(f0: float, n: int = 10, amplitude: float = 0.3) -> np.ndarray:
+    """A steady tone of n harmonics (amplitudes 1/k) below 8 kHz, peak about ``amplitude``."""
+    ks = [k for k in range(1, n + 1) if k * f0 < 7800]
+    x = sum(np.sin(2 * np.pi * k * f0 * T) / k for k in ks)
+    return (amplitude * x / np.abs(x).max()).astype(np.float32)
+
+
+def test_timbre_is_logmel_plus_96_descriptors(timbre, logmel):
+    assert (timbre.embedding_dim, timbre.window_samples) == (224, 32000)
+    assert timbre.version.startswith("timbre-v1-32mel-1024fft") and timbre.version != logmel.version
+    x = noise(3, seed=4)
+    x[2] = 0  # digital silence stays finite
+    e = timbre.embed(x)
+    assert e.shape == (3, 224) and e.dtype == np.float32 and np.isfinite(e).all()
+    np.testing.assert_allclose(e[:, :128], logmel.embed(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(e[1], timbre.embed(x[1:2])[0], rtol=1e-4, atol=1e-4)
+    assert timbre.embed(np.zeros((0, 32000), np.float32)).shape == (0, 224)
+    assert make_extractor("timbre", n_mels=64).embedding_dim == 4 * 64 + 96
+
+
+def test_timbre_gain_changes_no_descriptor(timbre):
+    # As for logmel: wherever the recording's noise floor is far above eps (any real recording).
+    tones = np.stack([np.zeros_like(T), harmonic(330.0), harmonic(440.0) * (T > 0.7)])
+    x = (tones + noise(3, seed=5, scale=0.01)).astype(np.float32)
+    for gain in (0.5, 3.0):
+        np.testing.assert_allclose(timbre.embed(gain * x), timbre.embed(x), atol=1e-2)
+
+
+def test_timbre_descriptors_by_hand(timbre):
+    steady, half = harmonic(220.0), harmonic(220.0) * (T >= 1.0)
+    sine = (0.3 * np.sin(2 * np.pi * 1000 * T)).astype(np.float32)
+    tremolo = (sine * (1 + 0.5 * np.sin(2 * np.pi * 6 * T))).astype(np.float32)
+    e = timbre.embed(np.stack([steady, half, sine, tremolo, noise(1, seed=6)[0]]))
+    env = descriptor(e, "envelope")
+    np.testing.assert_allclose(env[0, :5], 0.0, atol=0.05)  # a steady tone: every frame at the level
+    assert env[1, 0] < -10 and abs(env[1, 4]) < 0.05  # half silence: the 0.1 quantile is the floor
+    shape = descriptor(e, "shape")  # w-mean/std of log centroid, log spread, log flatness, log roll-off
+    assert abs(shape[2, 0] - np.log(1001.0)) < 0.02 and shape[2, 1] < 0.01  # a sine's centroid is its frequency
+    # White noise: every bin's power is exponential, E[log P] - log E[P] = -Euler's gamma.
+    assert abs(shape[4, 4] - (-0.5772)) < 0.05 and shape[2, 4] < -5
+    harm = descriptor(e, "harmonicity")  # peak w-mean, w-std, max; log f0 mean, std
+    # f0 at the peak quefrency, a whole number of samples: 16000 / 73 = 219.2 Hz
+    assert abs(harm[0, 3] - np.log(220.0)) < 0.01 and harm[0, 4] < 0.01
+    assert harm[0, 0] > 3 * harm[4, 0]  # a harmonic tone's cepstral peak stands far above noise's
+    mod = descriptor(e, "modulation")[3].reshape(3, 8)  # rows: 1-4, 4-10, 10-30 Hz; columns: band groups
+    group = int(np.argmax(timbre.embed(sine[None])[0, 64:96])) // 4  # the group holding the sine's band
+    assert mod[1, group] > mod[0, group] + 2 and mod[1, group] > mod[2, group] + 2
+    steady_mod = descriptor(e, "modulation")[2].reshape(3, 8)
+    assert mod[1, group] > steady_mod[1, group] + 5  # 6 Hz tremolo, not a steady sine
+
+
+def test_timbre_shift_spectrum_barely_moves_with_the_note(timbre):
+    # Above 1 kHz mel is nearly logarithmic: a sine an octave higher shifts the 96-band spectrum,
+    # which changes the band means a lot and the DFT magnitudes little.
+    e = timbre.embed(np.stack([0.3 * np.sin(2 * np.pi * f * T) for f in (1500.0, 3000.0)]).astype(np.float32))
+    moved_shift = np.linalg.norm(descriptor(e, "shift")[0] - descriptor(e, "shift")[1]) / np.linalg.norm(descriptor(e, "shift")[0])
+    moved_bands = np.linalg.norm(e[0, :32] - e[1, :32]) / np.linalg.norm(e[0, :32])
+    assert moved_shift < 0.25 * moved_bands
+
+
+def test_timbre_rejects_parameters_it_cannot_use():
+    for n_mels in (8, 20):
+        with pytest.raises(AudiohashError, match="multiple of 8 above 16"):
+            make_extractor("timbre", n_mels=n_mels)
+    with pytest.raises(AudiohashError, match="n_bands"):
+        make_extractor("timbre", n_bands=64)
+
+
 # ---- registry and cache ----------------------------------------------------------------------
 def test_unknown_extractor_lists_known_ones():
-    with pytest.raises(AudiohashError, match=r"'vggish'.*logmel, torchscript"):
+    with pytest.raises(AudiohashError, match=r"'vggish'.*logmel, timbre, torchscript"):
         make_extractor("vggish")
     with pytest.raises(AudiohashError, match="n_bands"):
         make_extractor("logmel", n_bands=64)

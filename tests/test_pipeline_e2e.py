@@ -30,8 +30,8 @@ def test_every_file_is_embedded_once(spark, pipeline, small_manifest):
     manifest = pd.read_csv(small_manifest)
     emb = read(spark, pipeline, "embeddings").toPandas()
     assert sorted(emb["clip_id"]) == sorted(manifest["clip_id"])
-    assert {len(v) for v in emb["embedding"]} == {128}
-    assert set(emb["extractor"]) == {"logmel"}
+    assert {len(v) for v in emb["embedding"]} == {224}
+    assert set(emb["extractor"]) == {"timbre"}  # the default
     merged = emb.merge(manifest, on="clip_id")
     assert (merged["label_x"] == merged["label_y"]).all() and (merged["split_x"] == merged["split_y"]).all()
 

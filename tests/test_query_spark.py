@@ -67,6 +67,24 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_r
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"
 
 
+def test_queries_of_another_extractor_are_refused_before_anything_is_written(spark, encoded, tmp_path):
+    import dataclasses
+
+    from audiohash.errors import AudiohashError
+    from audiohash.spark.query import query_and_evaluate
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, _ = encoded
+    bundle = load_registered_bundle(cfg)
+    other = dataclasses.replace(bundle, meta={**bundle.meta, "extractor_version": "timbre-v0-other"})
+    results = tmp_path / "results"
+    with pytest.raises(AudiohashError, match=r"holds embeddings of extractor test-v1, but model audiohash-\w+-\d+b "
+                                             r"v1 was trained on timbre-v0-other"):
+        query_and_evaluate(spark, other, cfg.lake.table("embeddings"), cfg.lake.table("codes"), str(results), "run",
+                           "query", ["db"], K, 1000, 1024, 10, True, False)
+    assert not results.exists()
+
+
 def test_a_code_table_without_encode_lineage_is_refused(spark, encoded, tmp_path):
     from audiohash.errors import AudiohashError
     from audiohash.spark.query import search_codes

@@ -16,6 +16,8 @@ import yaml
 
 from audiohash.errors import AudiohashError
 
+DEFAULT_EXTRACTOR = "timbre"  # the extract job's and the benchmarks' (audiohash.features.EXTRACTORS)
+
 
 @dataclass
 class SparkSettings:
@@ -54,7 +56,7 @@ class DatasetSettings:
 @dataclass
 class ExtractSettings:
     input: str = ""  # manifest (.csv/.parquet) or folder of class sub-folders; "" = the dataset manifest
-    extractor: str = "logmel"
+    extractor: str = DEFAULT_EXTRACTOR
     model_path: str = ""  # TorchScript file for extractor=torchscript
     window_s: float = 2.0
     max_windows: int = 0  # windows kept per long file; 0 = all

@@ -1,8 +1,10 @@
 """Embedding extractors: a batch of fixed-length windows in, one float32 vector per window out.
 
-Two extractors share the ``Extractor`` interface:
-- ``logmel`` (default, no weights): four statistics over time of each log-mel band (level-free
+Three extractors share the ``Extractor`` interface:
+- ``logmel`` (no weights): four statistics over time of each log-mel band (level-free
   mean and max, std, std of the frame-to-frame change), 4 * n_mels dims.
+- ``timbre`` (default, no weights): logmel's statistics plus 96 descriptors of the envelope,
+  modulation, spectral shape, harmonicity and a note-independent spectrum, 4 * n_mels + 96 dims.
 - ``torchscript``: any TorchScript file mapping a waveform batch (b, samples) to (b, d).
 
 The Spark layer builds them through ``get_extractor`` (one instance per Python worker process
@@ -132,20 +134,148 @@ class LogMelExtractor(Extractor):
         if x.shape[0] == 0:
             return np.zeros((0, self.embedding_dim), np.float32)
         with torch.inference_mode():
-            # One STFT for the whole batch: (b, bins, frames) complex64.
-            spec = torch.stft(
-                x, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
-                window=self.window, center=False, return_complex=True,
-            )
-            # (b, frames, 2 * bins) real view; torch lays the STFT out frame-major, so this is
-            # normally a view and the in-place square touches no new memory.
-            parts = torch.view_as_real(spec.transpose(1, 2)).flatten(2).square_()
+            parts = self._squared_stft(x)
             mel = parts @ self.mel_fb + self.eps  # (b, frames, mels)
-            logmel = torch.log(mel)
-            level = torch.log(mel.sum(dim=2).amax(dim=1, keepdim=True))  # (b, 1): loudest frame
-            std, mean = torch.std_mean(logmel, dim=1, correction=0)
-            change = torch.std(logmel[:, 1:] - logmel[:, :-1], dim=1, correction=0)
-            return torch.cat([mean - level, std, logmel.amax(dim=1) - level, change], dim=1).numpy()
+            return self._band_statistics(mel).numpy()
+
+    def _squared_stft(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, frames, 2 * bins): squared real and imaginary parts, [re0^2, im0^2, re1^2, ...]."""
+        # One STFT for the whole batch: (b, bins, frames) complex64.
+        spec = torch.stft(
+            x, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
+            window=self.window, center=False, return_complex=True,
+        )
+        # torch lays the STFT out frame-major, so this is normally a view and the in-place
+        # square touches no new memory.
+        return torch.view_as_real(spec.transpose(1, 2)).flatten(2).square_()
+
+    @staticmethod
+    def _band_statistics(mel: torch.Tensor) -> torch.Tensor:
+        """(b, frames, mels) mel power (eps included) -> (b, 4 * mels) statistics."""
+        logmel = torch.log(mel)
+        level = torch.log(mel.sum(dim=2).amax(dim=1, keepdim=True))  # (b, 1): loudest frame
+        std, mean = torch.std_mean(logmel, dim=1, correction=0)
+        change = torch.std(logmel[:, 1:] - logmel[:, :-1], dim=1, correction=0)
+        return torch.cat([mean - level, std, logmel.amax(dim=1) - level, change], dim=1)
+
+
+def _weighted_mean_std(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (b, frames) values, the mean and std under (b, frames) weights summing to 1."""
+    mean = (weights * values).sum(dim=1)
+    return mean, (weights * (values - mean[:, None]) ** 2).sum(dim=1).sqrt()
+
+
+class TimbreExtractor(LogMelExtractor):
+    """logmel's 4 * n_mels band statistics plus 96 clip descriptors of timbre (224 dims by default).
+
+    The band statistics describe the spectrum where a sound is; an instrument's identity sits
+    also in what they blur: how its loudness evolves, how fast its bands flicker, how noisy or
+    harmonic it is, and its spectral shape independent of the note played. Descriptors, in order
+    (frames weighted toward the loud ones by w = softmax over time of 2 x log frame power, i.e.
+    in proportion to the squared power, so the sound outweighs the noise floor between notes):
+    - 16 cepstral spreads: std over time of MFCC 1-16 (orthonormal DCT-II of the log-mel frames);
+    - 9 envelope: the frame level (log total power minus the clip's loudest frame's) at
+      quantiles 0.1, 0.25, 0.5, 0.75, 0.9; the std, mean rise, mean fall and largest jump of its
+      frame-to-frame change;
+    - 24 modulation: 8 groups of adjacent bands, log power of each group's log-envelope
+      fluctuation at 1-4, 4-10 and 10-30 Hz (note rate, vibrato and tremolo, roughness);
+    - 10 spectral shape (linear frequency): w-mean and w-std of the log centroid, log spread,
+      log flatness and log 85% roll-off; log mean and log max of the spectral flux;
+    - 5 harmonicity: the real cepstrum's highest peak at fundamental 40-1000 Hz per frame, its
+      w-mean, w-std and max; the log fundamental at that peak, mean and std under weights
+      toward frames both loud and harmonic;
+    - 32 note-independent spectrum: |DFT| coefficients 1-32, along frequency, of the w-mean
+      log spectrum on 96 mel bands from 50 Hz (mel is logarithmic above 1 kHz, so playing an
+      instrument higher mostly shifts this spectrum, which moves the DFT's phase, not its size).
+    Every descriptor is a difference or ratio of powers, so like the band statistics it does not
+    change with the recording's gain. On the GM benchmark (benchmarks/quality.py, README Results)
+    they lifted mAP@all at 32 bits, over logmel v2 alone, from 0.29 to 0.37 for PQ, 0.47 to 0.64
+    for DQN and 0.60 to 0.83 for the successor.
+    """
+
+    name = "timbre"
+    N_CEPSTRAL, N_GROUPS, MODULATION_HZ = 16, 8, ((1, 4), (4, 10), (10, 30))
+    F0_HZ, SHIFT_BANDS, SHIFT_FMIN, N_SHIFT = (40.0, 1000.0), 96, 50.0, 32
+    N_DESCRIPTORS = N_CEPSTRAL + 9 + 3 * N_GROUPS + 10 + 5 + N_SHIFT
+    # Floors the power of one FFT bin before a log: far below 16-bit quantization noise in a bin
+    # (about 3e-8 with this window), so it only keeps digital silence finite and the gain
+    # invariance holds for any real recording (eps, sized for mel bands, would flatten quiet bins).
+    BIN_FLOOR = 1e-10
+    TOP_DB = 80.0
+
+    def __init__(self, **params):  # logmel's parameters (the signature below says so to make_extractor)
+        super().__init__(**params)
+        n_mels, bins = self.n_mels, self.n_fft // 2 + 1
+        if n_mels <= self.N_CEPSTRAL or n_mels % self.N_GROUPS:
+            raise AudiohashError(f"timbre: n_mels must be a multiple of {self.N_GROUPS} above "
+                                 f"{self.N_CEPSTRAL}, got {n_mels}")
+        lowest_f0 = max(self.F0_HZ[0], 2.0 * self.sample_rate / self.n_fft)  # quefrency within the frame
+        self.quefrencies = (int(self.sample_rate / self.F0_HZ[1]), int(self.sample_rate / lowest_f0))
+        self.embedding_dim = 4 * n_mels + self.N_DESCRIPTORS
+        self.version = "timbre-v1-" + self.version.removeprefix("logmel-v2-")
+        k, n = np.arange(1, self.N_CEPSTRAL + 1)[None], np.arange(n_mels)[:, None]
+        dct = np.sqrt(2.0 / n_mels) * np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels))  # ortho DCT-II rows 1..16
+        self.dct = torch.from_numpy(dct.astype(np.float32))  # (mels, 16)
+        self.frequencies = torch.linspace(0, self.sample_rate / 2, bins)
+        fb = librosa.filters.mel(sr=self.sample_rate, n_fft=self.n_fft, n_mels=self.SHIFT_BANDS,
+                                 fmin=self.SHIFT_FMIN, fmax=self.sample_rate / 2)
+        self.shift_fb = torch.from_numpy(fb.T.astype(np.float32))  # (bins, 96)
+        self.frame_rate = self.sample_rate / self.hop_length
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        x = self._as_batch(batch)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        with torch.inference_mode():
+            parts = self._squared_stft(x)
+            mel = parts @ self.mel_fb + self.eps  # (b, frames, mels)
+            power = parts.unflatten(2, (-1, 2)).sum(dim=3)  # (b, frames, bins) |X|^2
+            return torch.cat([self._band_statistics(mel), self._descriptors(power, mel)], dim=1).numpy()
+
+    def _descriptors(self, power: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        eps, floor = self.eps, self.BIN_FLOOR
+        logmel = torch.log(mel)
+        frame_power = torch.log(mel.sum(dim=2))  # (b, frames)
+        level = frame_power - frame_power.amax(dim=1, keepdim=True)
+        weights = torch.softmax(2.0 * frame_power, dim=1)
+        out = [(logmel @ self.dct).std(dim=1, correction=0)]
+        # envelope
+        rise = level[:, 1:] - level[:, :-1]
+        quantiles = torch.quantile(level, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]), dim=1).T
+        out += [quantiles, torch.stack([rise.std(dim=1, correction=0), rise.clamp(min=0).mean(dim=1),
+                                        rise.clamp(max=0).mean(dim=1), rise.abs().amax(dim=1)], dim=1)]
+        # modulation of band-group envelopes
+        groups = logmel.unflatten(2, (self.N_GROUPS, -1)).mean(dim=3)
+        spectrum = torch.fft.rfft(groups - groups.mean(dim=1, keepdim=True), dim=1).abs().square()
+        rates = torch.arange(spectrum.shape[1]) * self.frame_rate / groups.shape[1]
+        out += [torch.log(spectrum[:, (rates >= lo) & (rates < hi)].mean(dim=1) + eps) for lo, hi in self.MODULATION_HZ]
+        # spectral shape
+        share = power / (power.sum(dim=2, keepdim=True) + floor)
+        centroid = (share * self.frequencies).sum(dim=2)
+        spread = (share * (self.frequencies - centroid[..., None]) ** 2).sum(dim=2).sqrt()
+        logpower = torch.log(power + floor)
+        flatness = logpower.mean(dim=2) - torch.log(power.mean(dim=2) + floor)
+        below = (torch.cumsum(share, dim=2) < 0.85).sum(dim=2).clamp(max=len(self.frequencies) - 1)
+        rolloff = self.frequencies[below]
+        for v in (torch.log(centroid + 1), torch.log(spread + 1), flatness, torch.log(rolloff + 1)):
+            out += list(_weighted_mean_std(v, weights))
+        flux = (logpower[:, 1:] - logpower[:, :-1]).clamp(min=0).mean(dim=2)
+        out += [torch.log(flux.mean(dim=1) + eps), torch.log(flux.amax(dim=1) + eps)]
+        # harmonicity: the real cepstrum's peak within the fundamental range
+        lo, hi = self.quefrencies
+        cepstrum = torch.fft.irfft(logpower, n=self.n_fft, dim=2)[:, :, lo:hi]
+        peak, at = cepstrum.max(dim=2)
+        out += list(_weighted_mean_std(peak, weights)) + [peak.amax(dim=1)]
+        f0 = torch.log(self.sample_rate / (at + lo).float())
+        out += list(_weighted_mean_std(f0, torch.softmax(2.0 * frame_power + 20.0 * peak, dim=1)))
+        # note-independent spectrum
+        shift = torch.log(power @ self.shift_fb + floor)
+        # At most TOP_DB below the clip's strongest band, as librosa.power_to_db's top_db: the
+        # silence between a pure tone's partials is then as deep whatever the gain.
+        shift = torch.maximum(shift, shift.amax(dim=(1, 2), keepdim=True) - self.TOP_DB * np.log(10) / 10)
+        mean_shift = (weights[..., None] * shift).sum(dim=1)
+        out.append(torch.fft.rfft(mean_shift - mean_shift.mean(dim=1, keepdim=True), dim=1).abs()[:, 1:self.N_SHIFT + 1])
+        return torch.cat([v if v.ndim == 2 else v[:, None] for v in out], dim=1)
 
 
 class TorchScriptExtractor(Extractor):
@@ -232,8 +362,11 @@ class TorchScriptExtractor(Extractor):
         return out
 
 
+TimbreExtractor.__signature__ = inspect.signature(LogMelExtractor)
+
 EXTRACTORS: dict[str, type[Extractor]] = {
     "logmel": LogMelExtractor,
+    "timbre": TimbreExtractor,
     "torchscript": TorchScriptExtractor,
 }
 

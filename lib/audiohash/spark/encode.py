@@ -152,8 +152,7 @@ def check_extractor(rows: EmbeddingRows, bundle: ModelBundle, embeddings_table: 
     job keeps one extractor version per table (a change overwrites it)."""
     from audiohash.table_files import read_parquet_files
 
-    expected = bundle.meta.get("extractor_version")
-    if not expected:
+    if not bundle.meta.get("extractor_version"):
         return
     if rows.file_groups is not None:
         uris = [uri for group in rows.file_groups for uri in group]
@@ -162,7 +161,14 @@ def check_extractor(rows: EmbeddingRows, bundle: ModelBundle, embeddings_table: 
     else:
         first = rows.frame.select("extractor_version").limit(1).collect()
         found = first[0][0] if first else None
-    if found is not None and found != expected:
+    refuse_other_extractor(found, bundle, embeddings_table)
+
+
+def refuse_other_extractor(found: str | None, bundle: ModelBundle, embeddings_table: str) -> None:
+    """AudiohashError naming both versions when embeddings of extractor version ``found`` (None: no
+    rows) do not match the one the bundle was trained on; bundles without one pass."""
+    expected = bundle.meta.get("extractor_version")
+    if expected and found is not None and found != expected:
         raise AudiohashError(
             f"{embeddings_table} holds embeddings of extractor {found}, but model {bundle.model_name} "
             f"v{bundle.model_version} was trained on {expected}: train a model on these embeddings "

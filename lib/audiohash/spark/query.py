@@ -20,7 +20,7 @@ from audiohash.errors import AudiohashError
 from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
-from audiohash.spark.encode import code_table_state
+from audiohash.spark.encode import code_table_state, refuse_other_extractor
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, session_conf,
                                     set_worker_threads, table_state)
@@ -164,6 +164,10 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     from audiohash.evaluation import exact_float_topk, ranked_positions, retrieval_curves, retrieval_metrics
     from audiohash.spark.tables import read_embeddings
 
+    # Queries embedded by another extractor than the model's would be ranked without a word.
+    query_rows = spark.read.format("delta").load(embeddings_table).filter(f"split = '{query_split}'")
+    first = query_rows.select("extractor_version").limit(1).collect()
+    refuse_other_extractor(first[0][0] if first else None, bundle, embeddings_table)
     query_ids, query_labels, xq, _ = read_embeddings(spark, embeddings_table, [query_split])
     started = time.time()
     scan_stats: list[PartitionStat] = []
