@@ -136,7 +136,11 @@ class LogMelExtractor(Extractor):
         with torch.inference_mode():
             parts = self._squared_stft(x)
             mel = parts @ self.mel_fb + self.eps  # (b, frames, mels)
-            return self._band_statistics(mel).numpy()
+            return self._features(parts, mel).numpy()
+
+    def _features(self, parts: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        """The output columns from the squared STFT parts and the mel power; here the band statistics."""
+        return self._band_statistics(mel)
 
     def _squared_stft(self, x: torch.Tensor) -> torch.Tensor:
         """(b, frames, 2 * bins): squared real and imaginary parts, [re0^2, im0^2, re1^2, ...]."""
@@ -222,15 +226,9 @@ class TimbreExtractor(LogMelExtractor):
         self.shift_fb = torch.from_numpy(fb.T.astype(np.float32))  # (bins, 96)
         self.frame_rate = self.sample_rate / self.hop_length
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        x = self._as_batch(batch)
-        if x.shape[0] == 0:
-            return np.zeros((0, self.embedding_dim), np.float32)
-        with torch.inference_mode():
-            parts = self._squared_stft(x)
-            mel = parts @ self.mel_fb + self.eps  # (b, frames, mels)
-            power = parts.unflatten(2, (-1, 2)).sum(dim=3)  # (b, frames, bins) |X|^2
-            return torch.cat([self._band_statistics(mel), self._descriptors(power, mel)], dim=1).numpy()
+    def _features(self, parts: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        power = parts.unflatten(2, (-1, 2)).sum(dim=3)  # (b, frames, bins) |X|^2
+        return torch.cat([self._band_statistics(mel), self._descriptors(power, mel)], dim=1)
 
     def _descriptors(self, power: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         eps, floor = self.eps, self.BIN_FLOOR
