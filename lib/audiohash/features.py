@@ -140,7 +140,7 @@ class LogMelExtractor(Extractor):
 
     def _features(self, parts: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         """The output columns from the squared STFT parts and the mel power; here the band statistics."""
-        return self._band_statistics(mel)
+        return self._band_statistics(torch.log(mel), torch.log(mel.sum(dim=2)))
 
     def _squared_stft(self, x: torch.Tensor) -> torch.Tensor:
         """(b, frames, 2 * bins): squared real and imaginary parts, [re0^2, im0^2, re1^2, ...]."""
@@ -154,10 +154,10 @@ class LogMelExtractor(Extractor):
         return torch.view_as_real(spec.transpose(1, 2)).flatten(2).square_()
 
     @staticmethod
-    def _band_statistics(mel: torch.Tensor) -> torch.Tensor:
-        """(b, frames, mels) mel power (eps included) -> (b, 4 * mels) statistics."""
-        logmel = torch.log(mel)
-        level = torch.log(mel.sum(dim=2).amax(dim=1, keepdim=True))  # (b, 1): loudest frame
+    def _band_statistics(logmel: torch.Tensor, frame_power: torch.Tensor) -> torch.Tensor:
+        """(b, frames, mels) log mel power (eps included), (b, frames) log of each frame's summed
+        mel power -> (b, 4 * mels) statistics."""
+        level = frame_power.amax(dim=1, keepdim=True)  # (b, 1): loudest frame
         std, mean = torch.std_mean(logmel, dim=1, correction=0)
         change = torch.std(logmel[:, 1:] - logmel[:, :-1], dim=1, correction=0)
         return torch.cat([mean - level, std, logmel.amax(dim=1) - level, change], dim=1)
@@ -228,12 +228,12 @@ class TimbreExtractor(LogMelExtractor):
 
     def _features(self, parts: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         power = parts.unflatten(2, (-1, 2)).sum(dim=3)  # (b, frames, bins) |X|^2
-        return torch.cat([self._band_statistics(mel), self._descriptors(power, mel)], dim=1)
+        logmel, frame_power = torch.log(mel), torch.log(mel.sum(dim=2))
+        return torch.cat([self._band_statistics(logmel, frame_power),
+                          self._descriptors(power, logmel, frame_power)], dim=1)
 
-    def _descriptors(self, power: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    def _descriptors(self, power: torch.Tensor, logmel: torch.Tensor, frame_power: torch.Tensor) -> torch.Tensor:
         eps, floor = self.eps, self.BIN_FLOOR
-        logmel = torch.log(mel)
-        frame_power = torch.log(mel.sum(dim=2))  # (b, frames)
         level = frame_power - frame_power.amax(dim=1, keepdim=True)
         weights = torch.softmax(2.0 * frame_power, dim=1)
         out = [(logmel @ self.dct).std(dim=1, correction=0)]
