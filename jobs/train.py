@@ -10,7 +10,7 @@ def main(cfg, args):
     import mlflow
 
     from audiohash.spark.session import get_spark
-    from audiohash.spark.tables import read_embeddings
+    from audiohash.spark.tables import embeddings_extractor, read_embeddings
     from audiohash.tracking import job_run, log_and_register_bundle
     from audiohash.training import train_bundle
 
@@ -19,11 +19,11 @@ def main(cfg, args):
             setattr(cfg.train, key, value)
     spark = get_spark(cfg.spark)
     table = cfg.lake.table("embeddings")
-    clip_ids, labels, x, version = read_embeddings(spark, table, cfg.train.splits or cfg.encode.splits)
-    extractor = spark.read.format("delta").load(table).select("extractor", "extractor_version").first()
-    meta = {"embedding_dim": int(x.shape[1]), "extractor": extractor["extractor"],
-            "extractor_version": extractor["extractor_version"], "embeddings_table": table,
-            "embeddings_version": version}
+    splits = cfg.train.splits or cfg.encode.splits
+    clip_ids, labels, x, version = read_embeddings(spark, table, splits)
+    extractor, extractor_version = embeddings_extractor(spark, table, splits, version)  # rows exist: x has them
+    meta = {"embedding_dim": int(x.shape[1]), "extractor": extractor, "extractor_version": extractor_version,
+            "embeddings_table": table, "embeddings_version": version}
     with job_run(cfg, "train", run_name=f"train-{cfg.train.method}-{cfg.train.bits}b") as run:
         bundle, metrics = train_bundle(cfg.train.method, cfg.train.bits, x, labels, cfg.train.label_fraction,
                                        cfg.train.seed, cfg.train.hyper, cfg.model_name, meta)

@@ -162,13 +162,12 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     to the results table, and (``evaluate``) score the ranking against the labels of the database
     and, with ``float_reference``, against exact float search over the database embeddings."""
     from audiohash.evaluation import exact_float_topk, ranked_positions, retrieval_curves, retrieval_metrics
-    from audiohash.spark.tables import read_embeddings
+    from audiohash.spark.tables import embeddings_extractor, read_embeddings
 
+    query_ids, query_labels, xq, embeddings_version = read_embeddings(spark, embeddings_table, [query_split])
     # Queries embedded by another extractor than the model's would be ranked without a word.
-    query_rows = spark.read.format("delta").load(embeddings_table).filter(f"split = '{query_split}'")
-    first = query_rows.select("extractor_version").limit(1).collect()
-    refuse_other_extractor(first[0][0] if first else None, bundle, embeddings_table)
-    query_ids, query_labels, xq, _ = read_embeddings(spark, embeddings_table, [query_split])
+    extractor = embeddings_extractor(spark, embeddings_table, [query_split], embeddings_version)
+    refuse_other_extractor(extractor[1] if extractor else None, bundle, embeddings_table)
     started = time.time()
     scan_stats: list[PartitionStat] = []
     D, ranked_ids, codes_version = search_codes(spark, bundle, codes_table, xq, top_r or 2**62, query_batch,

@@ -229,9 +229,7 @@ def read_embeddings(spark: SparkSession, path: str, splits: list[str] | None = N
     from audiohash.arrow_arrays import embedding_matrix
 
     version = table_version(spark, path) if version is None else version
-    rows = spark.read.format("delta").option("versionAsOf", version).load(path)
-    if splits:
-        rows = rows.filter(rows.split.isin(splits))
+    rows = _embedding_rows(spark, path, splits, version)
     table = rows.select("clip_id", "label", "embedding").orderBy("clip_id").toArrow()
     if table.num_rows == 0:
         raise AudiohashError(f"embeddings table {path} (version {version}) has no rows for splits {splits}")
@@ -241,6 +239,19 @@ def read_embeddings(spark: SparkSession, path: str, splits: list[str] | None = N
     x = embedding_matrix(table.column("embedding"), dims.pop(), what=f"{path} embedding")
     return (table.column("clip_id").to_numpy(zero_copy_only=False),
             table.column("label").to_numpy(zero_copy_only=False), x, version)
+
+
+def embeddings_extractor(spark: SparkSession, path: str, splits: list[str] | None,
+                         version: int) -> tuple[str, str] | None:
+    """(extractor, extractor_version) of one row of the embeddings table at ``version`` (of ``splits``);
+    None without rows. One row says it: the extract job keeps one extractor version per table."""
+    first = _embedding_rows(spark, path, splits, version).select("extractor", "extractor_version").first()
+    return (first[0], first[1]) if first else None
+
+
+def _embedding_rows(spark: SparkSession, path: str, splits: list[str] | None, version: int):
+    rows = spark.read.format("delta").option("versionAsOf", version).load(path)
+    return rows.filter(rows.split.isin(splits)) if splits else rows
 
 
 @contextlib.contextmanager
