@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 from audiohash import dataset as D
+from audiohash import recordings
 from audiohash.errors import AudiohashError
 
 pytestmark = pytest.mark.skipif(
@@ -245,3 +246,32 @@ def test_cli_help_and_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         D.main(["--out", str(tmp_path), "--small", "--banks", "fluidr3,nosuch"])
     assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
+
+
+def test_registry_lists_the_recorded_datasets(capsys):
+    D.main(["--list"])
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == list(D.DATASETS) and names[:2] == ["gm", "gm-small"]
+    real = [n for n in names if n in recordings.REAL_DATASETS]
+    assert len(real) >= 2 and len(real) == len(names) - 2
+    for line, (name, text) in zip(lines, D.DATASETS.items()):
+        assert line.split(None, 1) == [name, text] and "query" in text
+
+
+def test_build_dataset_names(small, capsys, tmp_path):
+    t = time.monotonic()
+    assert D.build_dataset("gm-small", small.parent) == small   # the small render, reused
+    assert time.monotonic() - t < 2.0
+    D.main(["--name", "gm-small", "--out", str(small.parent)])
+    assert capsys.readouterr().out.strip() == str(small)
+    with pytest.raises(AudiohashError, match=r"unknown dataset 'nope'; known datasets: gm, gm-small, drums"):
+        D.build_dataset("nope", tmp_path)
+    for argv, message in [(["--name", "nope", "--out", str(tmp_path)], "unknown dataset 'nope'"),
+                          (["--name", "drums"], "--out is required"),
+                          (["--name", "drums", "--small", "--out", str(tmp_path)], "--small means"),
+                          (["--name", "drums", "--banks", "fluidr3", "--out", str(tmp_path)], "gm datasets only")]:
+        with pytest.raises(SystemExit) as e:
+            D.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -8,6 +8,10 @@ noise at a random SNR. Everything random comes from the plan (`plan_clips`), a p
 
 Layout written by `render_dataset`: out_dir/<bank>/<label>/<clip_id>.wav (16-bit PCM),
 out_dir/manifest.csv and out_dir/dataset.json (written last: its presence marks a finished render).
+
+`DATASETS` names every benchmark dataset, these renders ("gm", "gm-small") and the recorded ones
+of audiohash.recordings; `build_dataset(name, out_dir)` builds any of them
+(`python -m audiohash.dataset --list`, `--name NAME --out DIR`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from audiohash import recordings
 from audiohash.errors import AudiohashError
 
 log = logging.getLogger("audiohash.dataset")
@@ -404,18 +409,58 @@ def render_dataset(out_dir, size: str = "full", seed: int = 0, banks=("fluidr3",
     return out_dir / "manifest.csv"
 
 
+# Every benchmark dataset by name: the GM renders above and the recordings of audiohash.recordings.
+DATASETS: dict[str, str] = {
+    "gm": "10,944 clips rendered from 2 General MIDI soundfonts (FluidR3, TimGM6mb; 9,348 db / 1,596 "
+          "query), 57 classes (41 GM programs + 16 drum keys), query = 14 random clips per class and "
+          "soundfont; MIT, GPL-2",
+    "gm-small": "336 clips of the GM render (280 db / 56 query), 14 classes, query = 2 random clips per "
+                "class and soundfont (tests, demo); MIT, GPL-2",
+    **{name: spec.description for name, spec in recordings.REAL_DATASETS.items()},
+}
+
+
+def build_dataset(name: str, out_dir, seed: int = 0) -> Path:
+    """Build (or reuse) the dataset `name` of DATASETS under out_dir; returns manifest.csv's path.
+
+    Every manifest has the columns clip_id, path (relative to out_dir), label and split (db|query)."""
+    if name in ("gm", "gm-small"):
+        return render_dataset(out_dir, "full" if name == "gm" else "small", seed)
+    if name in recordings.REAL_DATASETS:
+        return recordings.build(name, out_dir, seed)
+    raise AudiohashError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m audiohash.dataset", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (reused if already rendered)")
+    ap.add_argument("--list", action="store_true", help="print the datasets, one a line, and exit")
+    ap.add_argument("--name", default=None, help=f"the dataset to build, of {', '.join(DATASETS)} "
+                                                 "(default: gm, or gm-small with --small)")
+    ap.add_argument("--out", help="output folder (reused if already built)")
     ap.add_argument("--small", action="store_true", help="the small test set instead of the full one")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--banks", default="fluidr3,timgm6mb", help=f"comma-separated, of {','.join(SOUNDFONTS)}")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpus))")
+    ap.add_argument("--banks", default=None, help=f"gm only: comma-separated, of {','.join(SOUNDFONTS)} "
+                                                  "(default: all)")
+    ap.add_argument("--workers", type=int, default=None, help="gm only: processes (default: min(2, cpus))")
     a = ap.parse_args(argv)
+    if a.list:
+        width = max(map(len, DATASETS))
+        print("\n".join(f"{name:<{width}}  {text}" for name, text in DATASETS.items()))
+        return
+    if not a.out:
+        ap.error("--out is required (or --list)")
+    if a.name is not None and a.small:
+        ap.error("--small means --name gm-small: give one of them")
+    if a.name not in (None, "gm", "gm-small") and (a.banks is not None or a.workers is not None):
+        ap.error("--banks and --workers apply to the gm datasets only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        print(render_dataset(a.out, "small" if a.small else "full", a.seed,
-                             [b for b in a.banks.split(",") if b], a.workers))
+        if a.name in (None, "gm", "gm-small"):
+            banks = [b for b in (a.banks or ",".join(SOUNDFONTS)).split(",") if b]
+            print(render_dataset(a.out, "small" if a.small or a.name == "gm-small" else "full", a.seed,
+                                 banks, a.workers))
+        else:
+            print(build_dataset(a.name, a.out, a.seed))
     except AudiohashError as e:   # like audiohash.cli: the message and exit status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
