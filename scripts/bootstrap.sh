@@ -54,4 +54,15 @@ export PYSPARK_PYTHON="$AUDIOHASH_VENV/bin/python"
 export PYSPARK_DRIVER_PYTHON="$AUDIOHASH_VENV/bin/python"
 export SPARK_CONF_DIR="$AUDIOHASH_HOME/conf/spark"
 export PYTHONPATH="$AUDIOHASH_HOME/lib${PYTHONPATH:+:$PYTHONPATH}"
+
+# The aisfx extractor's pretrained weights (CC BY 4.0, lib/audiohash/aisfx.py): the checkpoint
+# and its wheel, fetched once with pip in hash-checking mode. Only presence is checked here (no
+# Python start on every call); the loader checks the sha256 and names the fix when it differs.
+# A failed fetch does not stop the other extractors: aisfx then fails with the instruction.
+export AUDIOHASH_AISFX_DIR="${AUDIOHASH_AISFX_DIR:-$HOME/.cache/audiohash/aisfx-0.1.2}"
+if [ ! -f "$AUDIOHASH_AISFX_DIR/checkpoint.pth" ] || [ ! -f "$AUDIOHASH_AISFX_DIR/aisfx-0.1.2-py2.py3-none-any.whl" ]; then
+  echo "[setup] fetching the aisfx weights into $AUDIOHASH_AISFX_DIR" >&2
+  "$AUDIOHASH_VENV/bin/python" -m audiohash.aisfx --fetch >&2 \
+    || echo "[setup] WARNING: the aisfx weights could not be fetched; the aisfx extractor and its tests will fail until \`python -m audiohash.aisfx --fetch\` succeeds" >&2
+fi
 set +euo pipefail

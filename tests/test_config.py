@@ -48,3 +48,18 @@ def test_repo_conf_files_load():
 
     for path in sorted((REPO / "conf").glob("*.yaml")):
         load_config(path)
+
+
+def test_window_s_zero_means_the_extractors_own_window():
+    from audiohash.features import make_extractor
+
+    cfg = load_config(None)
+    assert cfg.extract.window_s == 0 and cfg.extract.extractor_params() == {}
+    # timbre's own window is the 2 s it always had: its version (and so its tables) is unchanged.
+    assert (make_extractor("timbre", **cfg.extract.extractor_params()).version
+            == make_extractor("timbre", window_s=2.0).version)
+    assert load_config(None, ["extract.window_s=3"]).extract.extractor_params() == {"window_s": 3.0}
+    torchscript = load_config(None, ["extract.extractor=torchscript", "extract.model_path=m.pt"])
+    assert torchscript.extract.extractor_params() == {"path": "m.pt"}
+    with pytest.raises(AudiohashError, match=r"'extract\.window_s'.*>= 0"):
+        load_config(None, ["extract.window_s=-1"])

@@ -58,13 +58,13 @@ class ExtractSettings:
     input: str = ""  # manifest (.csv/.parquet) or folder of class sub-folders; "" = the dataset manifest
     extractor: str = DEFAULT_EXTRACTOR
     model_path: str = ""  # TorchScript file for extractor=torchscript
-    window_s: float = 2.0
+    window_s: float = 0.0  # seconds per window; 0 = the extractor's own (2 s; aisfx 2.299 s)
     max_windows: int = 0  # windows kept per long file; 0 = all
     batch_size: int = 256  # files per Arrow batch handed to one executor worker call
     windows_per_call: int = 4  # windows per extractor call (logmel is fastest on a few at a time)
 
     def extractor_params(self) -> dict:
-        params = {"window_s": self.window_s}
+        params = {"window_s": self.window_s} if self.window_s > 0 else {}
         if self.extractor == "torchscript":
             params["path"] = self.model_path
         return params
@@ -251,7 +251,7 @@ def _validate(cfg: Config) -> None:
         (cfg.encode.n_shards >= 1, "encode.n_shards", ">= 1"),
         (cfg.query.top_r >= 0, "query.top_r", ">= 0 (0 = whole database)"),
         (cfg.query.query_batch >= 1, "query.query_batch", ">= 1"),
-        (cfg.extract.window_s > 0, "extract.window_s", "> 0"),
+        (cfg.extract.window_s >= 0, "extract.window_s", ">= 0 (0 = the extractor's own window)"),
         (cfg.extract.max_windows >= 0, "extract.max_windows", ">= 0 (0 = all windows)"),
         (cfg.extract.batch_size >= 1, "extract.batch_size", ">= 1"),
         (cfg.extract.windows_per_call >= 1, "extract.windows_per_call", ">= 1"),

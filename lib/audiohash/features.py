@@ -1,11 +1,13 @@
 """Embedding extractors: a batch of fixed-length windows in, one float32 vector per window out.
 
-Three extractors share the ``Extractor`` interface:
+Four extractors share the ``Extractor`` interface:
 - ``logmel`` (no weights): four statistics over time of each log-mel band (level-free
   mean and max, std, std of the frame-to-frame change), 4 * n_mels dims.
 - ``timbre`` (default, no weights): logmel's statistics plus 96 descriptors of the envelope,
   modulation, spectral shape, harmonicity and a note-independent spectrum, 4 * n_mels + 96 dims.
 - ``torchscript``: any TorchScript file mapping a waveform batch (b, samples) to (b, d).
+- ``aisfx`` (pretrained weights, ``audiohash.aisfx``): a CNN trained on sound-effects libraries
+  (Ma & Lerch, ISMIR 2022), 512 dims from 2.3-s windows at 44.1 kHz.
 
 The Spark layer builds them through ``get_extractor`` (one instance per Python worker process
 and parameter set, so a model is loaded once, not once per batch), decodes with
@@ -26,6 +28,7 @@ import librosa
 import numpy as np
 import torch
 
+from audiohash import aisfx
 from audiohash.audio import DEFAULT_WINDOW_S, TARGET_SR
 from audiohash.errors import AudiohashError
 
@@ -360,12 +363,68 @@ class TorchScriptExtractor(Extractor):
         return out
 
 
+class AisfxExtractor(Extractor):
+    """aiSFX's pretrained embedding (``audiohash.aisfx``): (b, window_samples) at 44.1 kHz ->
+    (b, 512): per channel of the last conv block, the max over time of its mean over frequency
+    (non-negative: it comes after a ReLU).
+
+    window_s: None = the package's own block, 99 * 1024 = 101376 samples (2.299 s), which the
+    centred STFT turns into exactly its 100 frames; other lengths work (the network pools over
+    time) but the model saw 100-frame blocks in training. A shorter clip arrives zero-padded by
+    ``audio.split_windows``; for a clip of a whole number of hops (1024 samples) that is the
+    package's own zero-row padding of its spectrogram, otherwise the first padding frame differs:
+    it still holds the clip's last (n mod 1024) samples where the package has a zero row (max
+    abs difference 0.018 in the embedding of a 2-s clip, tests/test_aisfx.py). Each window is
+    peak-normalized on its own, as the package does each file.
+    weights_dir: the folder holding checkpoint.pth; None = $AUDIOHASH_AISFX_DIR or its default.
+    version: the checkpoint's sha256 (first 16 hex digits), the front end and the window.
+    """
+
+    name = "aisfx"
+    # Windows per forward pass, whatever batch the caller hands in: each of the first block's
+    # feature maps is 2.5 MB a window, and at 4 they stay in cache better than at 8 or 16
+    # (about 32 vs 35-40 ms a window on 2 cores); it also bounds the memory a large batch takes.
+    MAX_CHUNK = 4
+
+    def __init__(self, window_s: float | None = None, weights_dir: str | None = None):
+        self.sample_rate = aisfx.SAMPLE_RATE
+        self.window_samples = (aisfx.WINDOW_SAMPLES if window_s is None
+                               else int(round(window_s * self.sample_rate)))
+        if self.window_samples < aisfx.MIN_SAMPLES:
+            raise AudiohashError(f"aisfx: window of {self.window_samples} samples is shorter than "
+                                 f"the {aisfx.MIN_SAMPLES} (8 frames) the network needs")
+        self.embedding_dim = aisfx.EMBEDDING_DIM
+        self.front_end = aisfx.LogMelFrontEnd()
+        self.net, sha256 = aisfx.pretrained_net(weights_dir)
+        self.version = (f"aisfx-{aisfx.PACKAGE_VERSION}-{sha256[:16]}-librosa-htk96-"
+                        f"{self.window_samples}smp-v1")
+
+    @classmethod
+    def fingerprint(cls, params: dict) -> tuple:
+        # The folder may come from the environment, and a worker can outlive a job: key the cache
+        # on the file actually read, so a replaced or moved checkpoint is loaded (and checked) anew.
+        path = aisfx.checkpoint_path(params.get("weights_dir"))
+        try:
+            st = os.stat(path)
+        except OSError:
+            return (str(path),)  # the constructor reports the missing file
+        return (str(path), st.st_mtime_ns, st.st_size)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        x = self._as_batch(batch)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        with torch.inference_mode():
+            return torch.cat([self.net(self.front_end(chunk)) for chunk in x.split(self.MAX_CHUNK)]).numpy()
+
+
 TimbreExtractor.__signature__ = inspect.signature(LogMelExtractor)
 
 EXTRACTORS: dict[str, type[Extractor]] = {
     "logmel": LogMelExtractor,
     "timbre": TimbreExtractor,
     "torchscript": TorchScriptExtractor,
+    "aisfx": AisfxExtractor,
 }
 
 
