@@ -61,7 +61,7 @@ def main() -> None:
     from audiohash.config import SparkSettings
     from audiohash.spark.session import get_spark
 
-    _, labels, x_db = real_embeddings("full").split("db")
+    _, labels, x_db = real_embeddings("gm").split("db")
     spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
     table = str(CACHE / f"encode-embeddings-n{args.n}")
     build_embeddings(spark, x_db, labels, args.n, table)

@@ -220,7 +220,7 @@ def open_tables(n: int):
     from audiohash.config import SparkSettings
     from audiohash.spark.session import get_spark
 
-    data = real_embeddings("full")
+    data = real_embeddings("gm")
     _, db_labels, x_db = data.split("db")
     spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
     CACHE.mkdir(parents=True, exist_ok=True)

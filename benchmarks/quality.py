@@ -1,9 +1,11 @@
 """Retrieval quality of every method on the real benchmark, against two references without codes.
 
-    python benchmarks/quality.py --out FILE.json [--small]
+    python benchmarks/quality.py --out FILE.json [--dataset NAME] [--extractor NAME] [--bits 32] [--no-sweep]
 
-Renders (or reuses, under benchmarks/.cache) the GM benchmark dataset, embeds it with the default
-extractor (timbre), and then, in one process and with the train job's own code
+Builds (or reuses, under benchmarks/.cache) a dataset (``--dataset``, any name of
+``python -m audiohash.dataset --list``; default the GM renders, ``--small`` = gm-small), embeds it
+with an extractor (``--extractor``, default timbre) through the extract job's own worker (one row
+per window, as the job writes them), and then, in one process and with the train job's own code
 (``training.train_bundle``: the same stratified label sample, the same seeds, the database rows
 sorted by clip_id as the job reads them):
 - for each method in {sh, itq, agh, pq, opq, dqn, dqn_cls} and bits in {8, 16, 24, 32, 64}, trains
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from real_data import machine, real_embeddings
 
+from audiohash.config import DEFAULT_EXTRACTOR
 from audiohash.evaluation import exact_float_topk, retrieval_metrics
 from audiohash.quantizers import AdcQuantizer
 from audiohash.report import BITS, LABEL_FRACTIONS, METHODS, SUPERVISED, paper_table
@@ -172,7 +175,9 @@ def checks(results: list[dict]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON results file")
-    ap.add_argument("--small", action="store_true", help="the small dataset (14 classes, 336 clips): a smoke run")
+    ap.add_argument("--dataset", default="gm", help="a dataset of `python -m audiohash.dataset --list` (default: gm)")
+    ap.add_argument("--extractor", default=DEFAULT_EXTRACTOR, help=f"embedding extractor (default: {DEFAULT_EXTRACTOR})")
+    ap.add_argument("--small", action="store_true", help="= --dataset gm-small (14 classes, 336 clips): a smoke run")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
     ap.add_argument("--bits", default=",".join(map(str, BITS)), help="comma-separated (default: 8,16,24,32,64)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the label-fraction sweep")
@@ -181,10 +186,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
-    size = "small" if args.small else "full"
-    data = real_embeddings(size)
+    name = "gm-small" if args.small else args.dataset
+    data = real_embeddings(name, args.extractor)
     hyper = {}
-    if args.small:  # 336 clips: 10% labels is 2 clips per class; fewer steps keep the smoke run short
+    if name == "gm-small":  # 336 clips: 10% labels is 2 clips per class; fewer steps keep the smoke run short
         hyper = {m: {"steps": 400, "warmup_steps": 100} for m in SUPERVISED}
 
     def split(name):
@@ -194,8 +199,10 @@ def main(argv=None) -> None:
 
     _, y_db, x_db = split("db")
     _, y_q, x_q = split("query")
-    dataset = {"size": size, "seed": 0, "n_db": len(x_db), "n_query": len(x_q), "n_classes": len(set(y_db)),
-               "embedding": f"{data.extractor_version} ({x_db.shape[1]}-d)", "banks": sorted(set(data.sources))}
+    dataset = {"name": name, "extractor": args.extractor, "seed": 0, "n_db": len(x_db), "n_query": len(x_q),
+               "n_classes": len(set(y_db)), "embedding": f"{data.extractor_version} ({x_db.shape[1]}-d)",
+               "size": "small" if name == "gm-small" else "full",
+               "banks": sorted(set(data.sources)), "rejected_files": data.rejected}  # banks: the recording chains
     log.info("dataset: %s", dataset)
     methods = [m for m in args.methods.split(",") if m]
     bits_list = [int(b) for b in args.bits.split(",") if b]
@@ -236,7 +243,8 @@ def main(argv=None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     coded = [r for r in results if r["bits"] is not None]
-    print(f"\nmAP@all (%) over the whole database, {size} benchmark, label fraction {LABEL_FRACTION}:\n")
+    print(f"\nmAP@all (%) over the whole database, dataset {name}, extractor {args.extractor}, "
+          f"label fraction {LABEL_FRACTION}:\n")
     print(paper_table(coded))
     for r in results[:2]:
         extra = f", query accuracy {r['query_accuracy']:.3f}" if "query_accuracy" in r else ""

@@ -143,7 +143,7 @@ def main() -> None:
     from audiohash.config import SparkSettings
     from audiohash.spark.session import get_spark
 
-    data = real_embeddings("full")
+    data = real_embeddings("gm")
     spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
     pq = run_mode(spark, "pq", 64, data, args.n, args.queries, args.topk, args.repeats, args.query_batch, args.shards)
     result = {"n": args.n, "queries": args.queries, "topk": args.topk, "ours_s": pq["ours_s"],

@@ -1,5 +1,7 @@
-"""Real embeddings for the benchmarks: the GM benchmark dataset rendered from the soundfonts and
-embedded with the default extractor (timbre), in-process, cached under benchmarks/.cache.
+"""Real embeddings for the benchmarks: a dataset the project builds (``audiohash.dataset``: the GM
+renders, or recorded audio from Debian packages) embedded in-process by the extract job's own
+worker (``extraction.embed_files``: the same decoding, windows and extractor as the executors),
+cached under benchmarks/.cache.
 
 Benchmarks never time this part; they time the jobs over what it returns.
 """
@@ -12,23 +14,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from audiohash.audio import decode_audio
-from audiohash.dataset import render_dataset
-from audiohash.config import DEFAULT_EXTRACTOR
+from audiohash.config import DEFAULT_EXTRACTOR, ExtractSettings
+from audiohash.dataset import build_dataset
+from audiohash.extraction import embed_files, manifest_inputs
 from audiohash.features import get_extractor
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+FILES_PER_BATCH = 64
 log = logging.getLogger("benchmarks.real_data")
 
 
 @dataclass
 class RealEmbeddings:
-    clip_ids: np.ndarray  # object (n,)
+    clip_ids: np.ndarray  # object (n,): one row per window, as the extract job writes them
     labels: np.ndarray  # object (n,)
     splits: np.ndarray  # object (n,): db | query
-    sources: np.ndarray  # object (n,): soundfont bank
+    sources: np.ndarray  # object (n,): the recording chain (soundfont bank, kit, voice, ...)
     x: np.ndarray  # float32 (n, d)
     extractor_version: str
+    dataset: str = "gm"
+    rejected: int = 0  # files the extract worker rejected (reasons in the log)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(clip_ids, labels, x) of one split."""
@@ -36,24 +41,35 @@ class RealEmbeddings:
         return self.clip_ids[rows], self.labels[rows], self.x[rows]
 
 
-def real_embeddings(size: str = "full", seed: int = 0, cache: Path = CACHE) -> RealEmbeddings:
-    """Render (or reuse) the dataset and embed every clip with the default extractor (or reuse the npz)."""
-    manifest_path = Path(render_dataset(cache / f"dataset-{size}-{seed}", size=size, seed=seed))
-    manifest = pd.read_csv(manifest_path)
-    extractor = get_extractor(DEFAULT_EXTRACTOR)
-    npz = cache / f"embeddings-{size}-{seed}-{extractor.version}.npz"
-    if npz.exists():
-        x = np.load(npz)["x"]
-    else:
-        log.info("embedding %d clips with %s", len(manifest), extractor.version)
-        x = np.zeros((len(manifest), extractor.embedding_dim), np.float32)
-        for start in range(0, len(manifest), 256):
-            rows = manifest.iloc[start: start + 256]
-            waves = [decode_audio((manifest_path.parent / p).read_bytes(), p) for p in rows["path"]]
-            x[start: start + len(rows)] = extractor.embed(np.stack(waves))
-        np.savez(npz, x=x)
-    return RealEmbeddings(manifest["clip_id"].to_numpy(object), manifest["label"].to_numpy(object),
-                          manifest["split"].to_numpy(object), manifest["soundfont"].to_numpy(object), x, extractor.version)
+def real_embeddings(dataset: str = "gm", extractor: str = DEFAULT_EXTRACTOR, seed: int = 0,
+                    cache: Path = CACHE) -> RealEmbeddings:
+    """Build (or reuse) ``dataset`` and embed every file with ``extractor`` at its default
+    parameters, exactly as the extract job does with the default config (or reuse the npz)."""
+    manifest_path = Path(build_dataset(dataset, cache / f"dataset-{dataset}-{seed}", seed=seed))
+    inputs = manifest_inputs(pd.read_csv(manifest_path), str(manifest_path))
+    settings = ExtractSettings(extractor=extractor)
+    model = get_extractor(extractor, **settings.extractor_params())
+    npz = cache / f"embeddings-{dataset}-{seed}-{model.version}.npz"
+    if not npz.exists():
+        log.info("embedding %d files of %s with %s", len(inputs), dataset, model.version)
+        parts = []
+        for start in range(0, len(inputs), FILES_PER_BATCH):
+            parts.append(embed_files(inputs.iloc[start: start + FILES_PER_BATCH], model,
+                                     max_windows=settings.max_windows, windows_per_call=settings.windows_per_call))
+            if start // FILES_PER_BATCH % 20 == 19:
+                log.info("embedded %d/%d files", start + FILES_PER_BATCH, len(inputs))
+        rows = pd.concat(parts, ignore_index=True)
+        rejected = rows[rows["reject_reason"].notna()]
+        for reason, count in rejected["reject_reason"].value_counts().items():
+            log.warning("%d files rejected (%s), e.g. %s", count, reason,
+                        rejected.loc[rejected["reject_reason"] == reason, "reject_message"].iloc[0])
+        rows = rows[rows["reject_reason"].isna()]
+        np.savez(npz, x=np.stack(rows["embedding"].to_numpy()).astype(np.float32),
+                 **{c: rows[c].to_numpy(str) for c in ("clip_id", "label", "split", "source")},
+                 rejected=len(rejected))
+    data = np.load(npz)
+    return RealEmbeddings(data["clip_id"].astype(object), data["label"].astype(object), data["split"].astype(object),
+                          data["source"].astype(object), data["x"], model.version, dataset, int(data["rejected"]))
 
 
 def replicate(x: np.ndarray, n: int, noise: float = 0.05, seed: int = 0) -> np.ndarray:

@@ -5,6 +5,12 @@ layout, JSON, PNG plots) and logs the same as the parent run's artifacts.
 
     spark-submit jobs/report.py --conf-file conf/local.yaml --setting default
     spark-submit jobs/report.py --conf-file conf/local.yaml --setting hard --bits 32
+    spark-submit jobs/report.py --conf-file conf/local.yaml --dataset drums extract.extractor=aisfx --bits 32
+
+--dataset NAME (any of `python -m audiohash.dataset --list`; default gm, the rendered dataset of
+extract.input) builds that dataset under <lake>/datasets/NAME and runs the comparison in its own
+lake folder <lake>/report-<tag> (tag: dataset, extractor when not the default, setting), so its
+embeddings table never mixes with another dataset's; the report lands in reports/<tag>/.
 """
 from audiohash.cli import job_parser, run_job
 
@@ -32,17 +38,33 @@ def main(cfg, args):
     import pandas as pd
 
     from audiohash import report
+    from audiohash.config import DEFAULT_EXTRACTOR
+    from audiohash.dataset import build_dataset
+    from audiohash.errors import AudiohashError
     from audiohash.spark.session import get_spark
     from audiohash.tracking import job_run
 
     get_spark(cfg.spark)
+    tag = "-".join([*([args.dataset] if args.dataset != "gm" else []),
+                    *([cfg.extract.extractor] if cfg.extract.extractor != DEFAULT_EXTRACTOR else []), args.setting])
+    if args.dataset != "gm":
+        if args.setting == "hard":
+            raise AudiohashError(f"report: --setting hard is defined for the GM dataset's two banks; dataset "
+                                 f"{args.dataset!r} already holds a recording chain out as its query split: use the "
+                                 f"default setting")
+        cfg.extract.input = str(build_dataset(args.dataset, Path(cfg.lake.table("datasets")) / args.dataset))
+    if tag not in ("default", "hard"):  # the GM default keeps the main lake (make demo's embeddings)
+        cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
+        cfg.lake.root = cfg.lake.table(f"report-{tag}")
+        Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
     if args.setting == "hard":
         manifest = pd.read_csv(cfg.extract_input)
         base = Path(cfg.extract_input).resolve().parent
         manifest["path"] = [str(base / p) for p in manifest["path"]]
-        cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
-        cfg.lake.root = cfg.lake.table("report-hard")
-        Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
+        if tag == "hard":
+            cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
+            cfg.lake.root = cfg.lake.table("report-hard")
+            Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
         derived = Path(cfg.lake.root) / "manifest.csv"
         report.hard_manifest(manifest, *args.banks.split(",")).to_csv(derived, index=False)
         cfg.extract.input, cfg.train.splits = str(derived), ["train"]
@@ -66,7 +88,7 @@ def main(cfg, args):
                "query_run_id": query.info.run_id}
         return row, mlflow.artifacts.load_dict(f"{query.info.artifact_uri}/curves.json")
 
-    with job_run(cfg, "report", run_name=f"report-{args.setting}") as parent:
+    with job_run(cfg, "report", run_name=f"report-{tag}") as parent:
         for method in methods:
             # In the parent's experiment (a nested run would otherwise land in MLflow's default one).
             with mlflow.start_run(run_name=method, nested=True, experiment_id=parent.info.experiment_id):
@@ -80,7 +102,7 @@ def main(cfg, args):
                 if args.label_sweep and method in report.SUPERVISED:
                     for fraction in report.LABEL_FRACTIONS:
                         sweep.append(one_model(method, curve_bits, fraction)[0])
-        folder = report.write_report(Path(args.out) / args.setting, args.setting, rows, curves, sweep, curve_bits)
+        folder = report.write_report(Path(args.out) / tag, tag, rows, curves, sweep, curve_bits)
         mlflow.log_artifacts(str(folder), "report")
     print((folder / "results.md").read_text())
     print(f"report: wrote {folder} (MLflow parent run {parent.info.run_id})")
@@ -89,6 +111,7 @@ def main(cfg, args):
 if __name__ == "__main__":
     parser = job_parser(__doc__)
     parser.add_argument("--setting", choices=("default", "hard"), default="default")
+    parser.add_argument("--dataset", default="gm", help="a dataset of `python -m audiohash.dataset --list` (default: gm)")
     parser.add_argument("--methods", default="", help="comma-separated (default: sh,itq,agh,pq,opq,dqn,dqn_cls)")
     parser.add_argument("--bits", default="", help="comma-separated (default: 8,16,24,32,64)")
     parser.add_argument("--label-sweep", action="store_true", help="also sweep the labeled fraction at 32 bits")

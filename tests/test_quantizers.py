@@ -333,3 +333,14 @@ def test_metrics_match_brute_force_and_leave_inputs_alone():
     assert recall_at_r(ranked, reference) == pytest.approx(np.mean(recalls))
     for before, after in zip(copies, (db, queries, ranked, reference)):
         np.testing.assert_array_equal(before, after)
+
+
+def test_too_few_training_rows_for_the_codebooks_is_refused_by_name():
+    from audiohash.training import train_bundle
+
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    labels = np.array(["a", "b"] * 100, dtype=object)
+    with pytest.raises(AudiohashError, match=r"pq: 200 training rows, but its codebooks have 256 centroids"):
+        train_bundle("pq", 32, x, labels, 0.1, 0, {}, "m", {})
+    bundle, _ = train_bundle("pq_fastscan", 32, x, labels, 0.1, 0, {}, "m", {})  # 16 centroids: enough
+    assert bundle.quantizer.centroids.shape[1] == 16

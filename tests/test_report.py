@@ -16,7 +16,7 @@ def report(spark, small_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     cfg = make_config(lake, f"extract.input={small_manifest}",
                       "train.hyper.dqn={steps: 120, warmup_steps: 40, refit_every: 40}")
-    run_job_main("report", cfg, setting="default", methods="pq,dqn", bits="8,16", label_sweep=False,
+    run_job_main("report", cfg, setting="default", dataset="gm", methods="pq,dqn", bits="8,16", label_sweep=False,
                  banks="fluidr3,timgm6mb", out=str(out))
     return cfg, out / "default"
 

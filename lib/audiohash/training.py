@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from audiohash.bundle import ModelBundle
+from audiohash.errors import AudiohashError
 from audiohash.quantizers import make_quantizer
 
 log = logging.getLogger("audiohash.training")
@@ -49,6 +50,13 @@ def train_bundle(method: str, bits: int, x: np.ndarray, labels: np.ndarray, labe
     """
     seed_everything(seed)
     quantizer = make_quantizer(method, bits, seed=seed, **hyper.get(method, {}))
+    needed = getattr(quantizer, "centroids_per_subspace", 0)  # binary methods have no codebooks
+    if len(x) < needed:
+        # faiss's k-means would stop with "Number of training points ... should be at least ...".
+        raise AudiohashError(
+            f"{method}: {len(x)} training rows, but its codebooks have {needed} centroids per "
+            f"subspace and need at least that many rows; train on more clips (train.splits, a larger dataset) "
+            f"or use a binary method (sh, itq, agh)")
     label_ids, classes = sample_labeled(labels, label_fraction, seed)
     started = time.time()
     quantizer.fit(x, label_ids if quantizer.supervised else None)

@@ -166,6 +166,7 @@ class AdcQuantizer(Quantizer):
     """
 
     metric = "adc"
+    centroids_per_subspace: ClassVar[int] = CENTROIDS_PER_SUBSPACE  # k-means needs at least this many rows
     centroids: np.ndarray
 
     @property

@@ -42,6 +42,7 @@ class PQFastScan(PQ):
     """
 
     method = "pq_fastscan"
+    centroids_per_subspace = 16
 
     @property
     def n_subspaces(self) -> int:
