@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from real_data import machine, real_embeddings
 
 from audiohash.config import DEFAULT_EXTRACTOR
+from audiohash.errors import AudiohashError
 from audiohash.evaluation import exact_float_topk, retrieval_metrics
 from audiohash.quantizers import AdcQuantizer
 from audiohash.report import BITS, LABEL_FRACTIONS, METHODS, SUPERVISED, paper_table
@@ -224,9 +225,15 @@ def main(argv=None) -> None:
     for row in results:
         log.info("%s: mAP@all %.4f", row["method"], row["map_all"])
 
+    refused = []
     for method in methods:
         for bits in bits_list:
-            row = run_method(method, bits, LABEL_FRACTION, x_db, y_db, x_q, y_q, args.seed, hyper)
+            try:
+                row = run_method(method, bits, LABEL_FRACTION, x_db, y_db, x_q, y_q, args.seed, hyper)
+            except AudiohashError as e:  # e.g. too few rows for a method's codebooks on a small dataset
+                log.warning("%s %d bits: not run: %s", method, bits, e)
+                refused.append({"method": method, "bits": bits, "reason": str(e)})
+                continue
             results.append(row)
             log.info("%s %d bits: mAP@all %.4f (float %s, faiss %s) in %.1f s", method, bits, row["map_all"],
                      row.get("map_all_float"), row.get("map_all_faiss"), row["train_s"])
@@ -237,7 +244,7 @@ def main(argv=None) -> None:
                 sweep.append(row)
                 log.info("sweep %s fraction %.2f: mAP@all %.4f", method, fraction, row["map_all"])
 
-    report = {"benchmark": "quality", "dataset": dataset, "results": results, "label_sweep": sweep,
+    report = {"benchmark": "quality", "dataset": dataset, "results": results, "not_run": refused, "label_sweep": sweep,
               "checks": checks(results), "machine": machine(),
               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -344,3 +344,9 @@ def test_too_few_training_rows_for_the_codebooks_is_refused_by_name():
         train_bundle("pq", 32, x, labels, 0.1, 0, {}, "m", {})
     bundle, _ = train_bundle("pq_fastscan", 32, x, labels, 0.1, 0, {}, "m", {})  # 16 centroids: enough
     assert bundle.quantizer.centroids.shape[1] == 16
+
+
+def test_opq_with_fewer_rows_than_dimensions_is_refused_not_aborted():
+    x = np.random.default_rng(0).standard_normal((300, 320)).astype(np.float32)
+    with pytest.raises(AudiohashError, match=r"opq: 300 training rows for 320-d embeddings"):
+        make_quantizer("opq", 32, seed=0).fit(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from audiohash.errors import AudiohashError
 from audiohash.quantizers.base import AdcQuantizer
 
 
@@ -20,6 +21,9 @@ class OPQ(AdcQuantizer):
         xs = self._fit_standardizer(x)
         d, M = xs.shape[1], self.n_subspaces
         d_out = -(-d // M) * M  # OPQMatrix pads inputs with zeros when d_out > d
+        if len(xs) < d:  # faiss 1.15's OPQMatrix.train aborts the process (free(): invalid size) there
+            raise AudiohashError(f"opq: {len(xs)} training rows for {d}-d embeddings; its rotation needs at "
+                                 f"least as many rows as dimensions: train on more clips or use pq")
         opq = faiss.OPQMatrix(d, M, d_out)
         inner_pq = faiss.ProductQuantizer(d_out, M, 8)  # the PQ re-trained inside each OPQ iteration
         inner_pq.cp.seed = self.seed
