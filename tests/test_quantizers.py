@@ -350,3 +350,19 @@ def test_opq_with_fewer_rows_than_dimensions_is_refused_not_aborted():
     x = np.random.default_rng(0).standard_normal((300, 320)).astype(np.float32)
     with pytest.raises(AudiohashError, match=r"opq: 300 training rows for 320-d embeddings"):
         make_quantizer("opq", 32, seed=0).fit(x)
+
+
+def test_sample_labeled_leaves_unlabeled_rows_out_and_keeps_the_labeled_draw():
+    from audiohash.training import sample_labeled
+
+    labels = np.array(["b", "a", "b", "a", "c", "c", "b", "a"] * 5, dtype=object)
+    ids, classes = sample_labeled(labels, 0.2, 3)
+    hidden = labels.copy()
+    hidden[hidden == "c"] = None  # class c: nobody labeled it
+    ids_hidden, classes_hidden = sample_labeled(hidden, 0.2, 3)
+    assert classes == ["a", "b", "c"] and classes_hidden == ["a", "b"]
+    assert (ids_hidden[labels == "c"] == -1).all()
+    # a and b draw the same rows as before (the seeded draw goes class by class, in order)
+    keep = labels != "c"
+    np.testing.assert_array_equal(ids_hidden[keep], ids[keep])
+    assert [int((ids_hidden == k).sum()) for k in (0, 1)] == [3, 3]  # round(0.2 * 15) per class

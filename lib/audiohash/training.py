@@ -26,12 +26,13 @@ def seed_everything(seed: int) -> None:
 def sample_labeled(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
     """Keep the labels of a seeded, per-class stratified ``fraction`` of the rows.
 
-    labels: object (n,) class names. Returns label ids int64 (n,) with -1 for rows whose label is
-    hidden from training, and the class names (id -> name). Every class keeps >= 1 label.
+    labels: object (n,) class names, None for a row nobody labeled (never sampled). Returns label
+    ids int64 (n,) with -1 for rows whose label is hidden from training, and the class names
+    (id -> name) of the labeled rows. Every class keeps >= 1 label.
     """
-    classes = sorted(set(labels.tolist()))
+    classes = sorted({name for name in labels.tolist() if name is not None})
     index = {name: i for i, name in enumerate(classes)}
-    ids = np.array([index[name] for name in labels], np.int64)
+    ids = np.array([-1 if name is None else index[name] for name in labels], np.int64)
     rng = np.random.default_rng(seed)
     keep = np.zeros(len(labels), bool)
     for c in range(len(classes)):
