@@ -218,3 +218,27 @@ def test_torchscript_model_round_trips_through_the_job(spark, small_manifest, tm
     with torch.no_grad():
         expected = eager(torch.from_numpy(np.stack([sf.read(c, dtype="float32")[0] for c in clips]))).numpy()
     np.testing.assert_allclose(np.stack(emb["embedding"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_aisfx_through_the_job_on_gm_and_recorded_clips(spark, small_manifest, tmp_path):
+    """The pretrained CNN in the executors: a real recorded set (drums: AVL's kits, one-shots
+    zero-padded to one window) and rendered GM clips give the same rows as the in-process worker."""
+    from audiohash.dataset import build_dataset
+    from audiohash.features import get_extractor
+
+    drums = build_dataset("drums", tmp_path / "drums")
+    rows = pd.concat([manifest_inputs(pd.read_csv(drums), str(drums)),
+                      manifest_inputs(pd.read_csv(small_manifest), str(small_manifest)).groupby("label").head(2)],
+                     ignore_index=True)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    cfg = make_config(tmp_path / "lake", f"extract.input={tmp_path / 'm.csv'}", "extract.extractor=aisfx")
+    run_job_main("extract", cfg)
+    emb = read(spark, cfg.lake.table("embeddings")).set_index("clip_id").sort_index()
+    extractor = get_extractor("aisfx")
+    expected = embed_files(rows, extractor).set_index("clip_id").sort_index()
+    assert expected["reject_reason"].isna().all()
+    assert list(emb.index) == list(expected.index) and len(emb) >= len(rows)
+    assert set(emb["extractor"]) == {"aisfx"} and set(emb["extractor_version"]) == {extractor.version}
+    assert set(emb["sample_rate"]) == {44100}
+    assert (emb.loc[expected.index, "source"] == expected["source"]).all()
+    np.testing.assert_allclose(np.stack(emb["embedding"]), np.stack(expected["embedding"]), rtol=1e-5, atol=1e-4)
