@@ -316,6 +316,31 @@ def test_a_model_trained_on_another_extractor_is_refused(spark, lake, capsys):
     assert version_of(spark, codes) == before
 
 
+def test_compare_mode_refuses_a_table_re_extracted_by_another_extractor_of_the_same_width(spark, lake, capsys):
+    """The embeddings table overwritten in place (same id, same width) by another extractor: the
+    incremental run compares fingerprints, and must check the extractor as the other modes do."""
+    from audiohash.bundle import ModelBundle
+    from audiohash.quantizers import make_quantizer
+    from audiohash.tracking import job_run, log_and_register_bundle
+
+    cfg = config(lake, "model.version=3")
+    embeddings = cfg.lake.table("embeddings")
+    x = np.random.default_rng(0).normal(size=(300, DIM)).astype(np.float32)
+    with job_run(cfg, "train"):  # version 3, trained on this table's extractor
+        log_and_register_bundle(ModelBundle(make_quantizer("pq", 32).fit(x), cfg.model_name, 0,
+                                            {"extractor_version": "test-v1"}))
+    assert "full" in encode(cfg, capsys)  # a new model version: a full reindex
+    codes = cfg.lake.table("codes")
+    before = version_of(spark, codes)
+    frame = spark.read.format("delta").load(embeddings).toPandas().assign(extractor_version="test-v2")
+    frame["embedding"] = [[float(f) for f in v] for v in frame["embedding"]]
+    write_embeddings(spark, embeddings, frame, mode="overwrite", files=2)
+    with pytest.raises(AudiohashError, match=r"holds embeddings of extractor test-v2, but model audiohash-pq-32b v3 "
+                                             r"was trained on test-v1"):
+        encode(cfg, capsys)
+    assert version_of(spark, codes) == before
+
+
 SLOW_HOOK = '''
 import os, time
 import audiohash.encoding as encoding

@@ -555,6 +555,8 @@ def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_t
              read, batch_rows: int) -> _Written:
     # Every row is compared with its code row in the JVM: Spark's reader feeds the join.
     rows = read_rows(spark, lineage.embeddings_table, lineage.embeddings_version, list(lineage.splits))
+    # A table re-extracted in place by another extractor of the same width lands here: refuse it too.
+    check_extractor(EmbeddingRows(rows, lineage.splits), bundle, lineage.embeddings_table)
     # One scan of the embeddings; only the changed rows keep their embedding, so this stays small.
     keyed = changed_rows(rows, codes_table).persist(StorageLevel.MEMORY_AND_DISK)
     try:
