@@ -4,8 +4,8 @@
     python benchmarks/extract_speed.py --extractor aisfx --clips 400 --repeats 1 --out FILE.json
 
 Files: the first ``--clips`` rows of the GM benchmark dataset (``audiohash.dataset``, full size,
-real rendered 2-s 16 kHz WAV clips), rendered once under benchmarks/.cache/dataset-full-0 and
-reused (real_data.py renders the same folder); every file is read once before timing, so both
+real rendered 2-s 16 kHz WAV clips), rendered once under benchmarks/.cache/dataset-gm-0 and
+reused (real_data.dataset_manifest: every benchmark uses the same folder); every file is read once before timing, so both
 sides read from the page cache. In one run it times:
   (a) ours_s: the extract job on local[2] (``spark.extract.extract_embeddings``, ``--extractor``
       at its own window, default the default extractor, timbre) from a manifest of those files to
@@ -42,10 +42,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from real_data import CACHE, machine
+from real_data import dataset_manifest, machine
 
 from audiohash.audio import decode_audio, split_windows
-from audiohash.dataset import render_dataset
 from audiohash.config import DEFAULT_EXTRACTOR
 from audiohash.features import get_extractor
 
@@ -55,7 +54,7 @@ log = logging.getLogger("benchmarks.extract_speed")
 
 def bench_manifest(clips: int, work: Path, seed: int = 0) -> Path:
     """A manifest (absolute paths) of the first ``clips`` clips of the full rendered dataset."""
-    full = Path(render_dataset(CACHE / f"dataset-full-{seed}", size="full", seed=seed))
+    full = dataset_manifest("gm", seed)
     rows = pd.read_csv(full, dtype=str, keep_default_na=False)
     if clips > len(rows):
         sys.exit(f"--clips {clips}: the full dataset has {len(rows)} clips")

@@ -41,11 +41,17 @@ class RealEmbeddings:
         return self.clip_ids[rows], self.labels[rows], self.x[rows]
 
 
+def dataset_manifest(dataset: str = "gm", seed: int = 0, cache: Path = CACHE) -> Path:
+    """Build (or reuse) ``dataset`` under the benchmarks' cache; the path of its manifest.csv.
+    The one place that names the cache folder, so every benchmark reuses the same build."""
+    return Path(build_dataset(dataset, cache / f"dataset-{dataset}-{seed}", seed=seed))
+
+
 def real_embeddings(dataset: str = "gm", extractor: str = DEFAULT_EXTRACTOR, seed: int = 0,
                     cache: Path = CACHE) -> RealEmbeddings:
     """Build (or reuse) ``dataset`` and embed every file with ``extractor`` at its default
     parameters, exactly as the extract job does with the default config (or reuse the npz)."""
-    manifest_path = Path(build_dataset(dataset, cache / f"dataset-{dataset}-{seed}", seed=seed))
+    manifest_path = dataset_manifest(dataset, seed, cache)
     inputs = manifest_inputs(pd.read_csv(manifest_path), str(manifest_path))
     settings = ExtractSettings(extractor=extractor)
     model = get_extractor(extractor, **settings.extractor_params())
