@@ -53,18 +53,17 @@ def main(cfg, args):
                                  f"{args.dataset!r} already holds a recording chain out as its query split: use the "
                                  f"default setting")
         cfg.extract.input = str(build_dataset(args.dataset, Path(cfg.lake.table("datasets")) / args.dataset))
-    if tag not in ("default", "hard"):  # the GM default keeps the main lake (make demo's embeddings)
+    # The input manifest is resolved before the lake moves (an empty extract.input means the
+    # dataset under the main lake).
+    cfg.extract.input = cfg.extract_input
+    if tag != "default":  # the GM default keeps the main lake (make demo's embeddings)
         cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
         cfg.lake.root = cfg.lake.table(f"report-{tag}")
         Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
     if args.setting == "hard":
-        manifest = pd.read_csv(cfg.extract_input)
-        base = Path(cfg.extract_input).resolve().parent
+        manifest = pd.read_csv(cfg.extract.input)
+        base = Path(cfg.extract.input).resolve().parent
         manifest["path"] = [str(base / p) for p in manifest["path"]]
-        if tag == "hard":
-            cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
-            cfg.lake.root = cfg.lake.table("report-hard")
-            Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
         derived = Path(cfg.lake.root) / "manifest.csv"
         report.hard_manifest(manifest, *args.banks.split(",")).to_csv(derived, index=False)
         cfg.extract.input, cfg.train.splits = str(derived), ["train"]
