@@ -33,6 +33,16 @@ from audiohash.audio import DEFAULT_WINDOW_S, TARGET_SR
 from audiohash.errors import AudiohashError
 
 
+def file_fingerprint(path) -> tuple:
+    """(mtime in ns, size) of a weights file, for the extractor cache key; () when it cannot be
+    read (the extractor's constructor then reports the missing file by name)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_mtime_ns, st.st_size)
+
+
 class Extractor(abc.ABC):
     """Interface of every extractor.
 
@@ -322,11 +332,9 @@ class TorchScriptExtractor(Extractor):
     @classmethod
     def fingerprint(cls, params: dict) -> tuple:
         # A worker process can outlive a job: a model file replaced in place must not hit the cache.
-        try:
-            st = os.stat(params["path"])
-        except (KeyError, TypeError, OSError):
-            return ()  # make_extractor / the constructor report the missing parameter or file
-        return (st.st_mtime_ns, st.st_size)
+        if not isinstance(params.get("path"), (str, os.PathLike)):
+            return ()  # make_extractor / the constructor report the missing or bad parameter
+        return file_fingerprint(params["path"])
 
     def _run(self, x: torch.Tensor) -> np.ndarray:
         """Run the model on (b, window_samples); return float32 (b, d), d > 0, all finite."""
@@ -404,11 +412,7 @@ class AisfxExtractor(Extractor):
         # The folder may come from the environment, and a worker can outlive a job: key the cache
         # on the file actually read, so a replaced or moved checkpoint is loaded (and checked) anew.
         path = aisfx.checkpoint_path(params.get("weights_dir"))
-        try:
-            st = os.stat(path)
-        except OSError:
-            return (str(path),)  # the constructor reports the missing file
-        return (str(path), st.st_mtime_ns, st.st_size)
+        return (str(path), *file_fingerprint(path))
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         x = self._as_batch(batch)
