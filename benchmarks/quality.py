@@ -18,9 +18,15 @@ sorted by clip_id as the job reads them):
 - the references: ``euclid`` (exact L2 on the standardized embeddings) and ``mlp_probs`` (an MLP
   classifier with the same hidden size, trained on the same labels, early-stopped on a held-out
   fifth of them, ranking the database by its class-probability vectors; its query accuracy too);
-- the label-fraction sweep {0.01 .. 1.0} for dqn and dqn_cls at 32 bits.
+- the label-fraction sweep {0.01 .. 1.0} for the supervised methods at 32 bits.
+``--setting`` (issue 22): ``default`` as above; ``hard`` (GM): labels from one bank's database
+clips, the other bank's database clips indexed (and in training, unlabeled), queries from the
+first bank; ``unseen``: a seeded ``--unseen-share`` of the classes (``--seed``) has no label in
+training, every database row stays indexed; rows carry ``map_all_unseen`` / ``map_all_seen`` (the
+query job's split by class) and, for supervised methods, ``map_all_seen_default``: the same
+method trained with every class's labels, on the same seen-class queries.
 Writes {"dataset", "results": [...], "label_sweep": [...], "checks": {...}} and prints the table in
-the paper's layout plus the done-when checks of issue 11 (gain over PQ at 32 bits).
+the paper's layout plus the checks (gain over PQ at 32 bits; per query group in ``unseen``).
 """
 from __future__ import annotations
 
@@ -41,10 +47,10 @@ from real_data import machine, real_embeddings
 
 from audiohash.config import DEFAULT_EXTRACTOR
 from audiohash.errors import AudiohashError
-from audiohash.evaluation import exact_float_topk, retrieval_metrics
+from audiohash.evaluation import class_group_metrics, exact_float_topk, retrieval_metrics
 from audiohash.quantizers import AdcQuantizer
 from audiohash.report import BITS, LABEL_FRACTIONS, METHODS, SUPERVISED, paper_table
-from audiohash.training import sample_labeled, seed_everything, train_bundle
+from audiohash.training import draw_unseen_classes, hide_labels, sample_labeled, seed_everything, train_bundle
 
 log = logging.getLogger("benchmarks.quality")
 LABEL_FRACTION = 0.1
@@ -146,6 +152,11 @@ def run_method(method, bits, fraction, sets, seed, hyper) -> dict:
            **scores(y_q, y_db, ranked), **sets.group_scores(ranked), "train_s": round(train_metrics["train_s"], 2)}
     if q.supervised and isinstance(q, AdcQuantizer):
         row["map_all_float"] = scores(y_q, y_db, exact_float_topk(q.transform(x_q), q.transform(x_db), len(x_db)))["map_all"]
+    if sets.unseen and q.supervised:  # the same method with every class's labels: its seen-class baseline
+        labeled, _ = train_bundle(method, bits, sets.x_train, sets.y_db, fraction, seed, hyper, f"quality-{method}", {})
+        dq = labeled.quantizer
+        row["map_all_seen_default"] = sets.group_scores(dq.scan(dq.encode(x_db), dq.query_side(x_q), len(x_db))[1])[
+            "map_all_seen"]
     if sets.x_train is x_db:  # faiss's own index trains on what it indexes
         faiss_ranked = faiss_own_ranking(method, bits, q._standardize(x_db), q._standardize(x_q), seed)
         if faiss_ranked is not None:
@@ -166,17 +177,19 @@ class Sets:
     unseen: list
 
     def group_scores(self, ranked: np.ndarray) -> dict:
-        """mAP@all over the unseen-class and the seen-class queries separately (unseen setting)."""
+        """mAP@all over the unseen-class and the seen-class queries separately (unseen setting),
+        as the query job scores them."""
         if not self.unseen:
             return {}
-        rows = np.isin(self.y_q, self.unseen)
-        return {"map_all_unseen": retrieval_metrics(self.y_q[rows], self.y_db, ranked[rows])["map_all"],
-                "map_all_seen": retrieval_metrics(self.y_q[~rows], self.y_db, ranked[~rows])["map_all"]}
+        seen = sorted(set(self.y_db) - set(self.unseen))
+        out = class_group_metrics(self.y_q, self.y_db, ranked, seen)
+        return {k: out[k] for k in ("map_all_unseen", "map_all_seen")}
 
 
 def setting_sets(data, setting: str, seed: int, unseen_share: float, banks: list[str]) -> Sets:
     """default: train on the database split, index it, query with the query split. hard (GM
-    only): train on banks[0]'s database clips, index banks[1]'s, query with banks[0]'s queries
+    only): labels come from banks[0]'s database clips only; banks[1]'s database clips are indexed
+    and join training unlabeled (every method trains on what it indexes); queries are banks[0]'s
     (as jobs/report.py --setting hard). unseen: as default, but a seeded ``unseen_share`` of the
     classes keeps no label in training; every database row stays in the index (Sablayrolles et al.,
     ICASSP 2017)."""
@@ -191,16 +204,14 @@ def setting_sets(data, setting: str, seed: int, unseen_share: float, banks: list
             raise SystemExit(f"--setting hard: banks {banks} are not sources of dataset {data.dataset} "
                              f"({sorted(set(data.sources))})")
         (y_train, x_train), (y_db, x_db), (y_q, x_q) = rows("db", banks[0]), rows("db", banks[1]), rows("query", banks[0])
-        return Sets(x_train, y_train, x_db, y_db, x_q, y_q, [])
+        y_train = np.concatenate([y_train, np.full(len(y_db), None, object)])
+        return Sets(np.vstack([x_train, x_db]), y_train, x_db, y_db, x_q, y_q, [])
     y_db, x_db = rows("db")
     y_q, x_q = rows("query")
     unseen = []
     if setting == "unseen":
-        classes = sorted(set(y_db))
-        rng = np.random.default_rng(seed)
-        unseen = sorted(rng.choice(classes, max(1, int(round(unseen_share * len(classes)))), replace=False).tolist())
-        y_train = np.where(np.isin(y_db, unseen), None, y_db).astype(object)
-        return Sets(x_db, y_train, x_db, y_db, x_q, y_q, unseen)
+        unseen = draw_unseen_classes(y_db, unseen_share, seed)
+        return Sets(x_db, hide_labels(y_db, unseen), x_db, y_db, x_q, y_q, unseen)
     return Sets(x_db, y_db, x_db, y_db, x_q, y_q, [])
 
 
@@ -232,6 +243,9 @@ def checks(results: list[dict]) -> dict:
         out["by_query_group"] = groups
         out["unseen_minus_pq_points"] = {m: round(100 * (groups[m]["map_all_unseen"] - groups["pq"]["map_all_unseen"]), 2)
                                          for m in groups if m != "pq"}
+        # seen-class queries: mAP with a quarter of the classes unlabeled over mAP with every label
+        out["seen_retention"] = {m: round(r["map_all_seen"] / r["map_all_seen_default"], 4)
+                                 for m, r in at.items() if r.get("map_all_seen_default")}
     out["faiss_gap_points"] = {f"{r['method']}@{r['bits']}": round(100 * (r["map_all"] - r["map_all_faiss"]), 2)
                                for r in results if "map_all_faiss" in r}
     return out

@@ -43,10 +43,15 @@ def main(cfg, args):
     from audiohash.errors import AudiohashError
     from audiohash.spark.session import get_spark
     from audiohash.tracking import job_run
+    from audiohash.training import draw_unseen_classes
 
     get_spark(cfg.spark)
-    tag = "-".join([*([args.dataset] if args.dataset != "gm" else []),
-                    *([cfg.extract.extractor] if cfg.extract.extractor != DEFAULT_EXTRACTOR else []), args.setting])
+    def tag_of(setting):
+        return "-".join([*([args.dataset] if args.dataset != "gm" else []),
+                         *([cfg.extract.extractor] if cfg.extract.extractor != DEFAULT_EXTRACTOR else []), setting])
+
+    tag = tag_of(f"unseen{cfg.train.seed}" if args.setting == "unseen" else args.setting)  # a folder per class split
+    lake_tag = tag_of("hard" if args.setting == "hard" else "default")  # unseen: the same embeddings as default
     if args.dataset != "gm":
         if args.setting == "hard":
             raise AudiohashError(f"report: --setting hard is defined for the GM dataset's two banks; dataset "
@@ -56,9 +61,9 @@ def main(cfg, args):
     # The input manifest is resolved before the lake moves (an empty extract.input means the
     # dataset under the main lake).
     cfg.extract.input = cfg.extract_input
-    if tag != "default":  # the GM default keeps the main lake (make demo's embeddings)
+    if lake_tag != "default":  # the GM default keeps the main lake (make demo's embeddings)
         cfg.mlflow.tracking_uri = cfg.tracking_uri  # keep the runs in the main store
-        cfg.lake.root = cfg.lake.table(f"report-{tag}")
+        cfg.lake.root = cfg.lake.table(f"report-{lake_tag}")
         Path(cfg.lake.root).mkdir(parents=True, exist_ok=True)
     if args.setting == "hard":
         manifest = pd.read_csv(cfg.extract.input)
@@ -66,7 +71,13 @@ def main(cfg, args):
         manifest["path"] = [str(base / p) for p in manifest["path"]]
         derived = Path(cfg.lake.root) / "manifest.csv"
         report.hard_manifest(manifest, *args.banks.split(",")).to_csv(derived, index=False)
-        cfg.extract.input, cfg.train.splits = str(derived), ["train"]
+        # Labels from the train bank only; the indexed bank's clips join training unlabeled.
+        cfg.extract.input, cfg.train.splits, cfg.train.unlabeled_splits = str(derived), ["train"], ["db"]
+    if args.setting == "unseen":
+        manifest = pd.read_csv(cfg.extract.input)
+        database = manifest[manifest["split"].isin(cfg.encode.splits)] if cfg.encode.splits else manifest
+        cfg.train.unlabeled_classes = draw_unseen_classes(database["label"].dropna(), args.unseen_share, cfg.train.seed)
+        print(f"report: classes without labels in training (seed {cfg.train.seed}): {cfg.train.unlabeled_classes}")
     run_stage("extract", cfg)
     methods = args.methods.split(",") if args.methods else list(report.METHODS)
     bits = [int(b) for b in args.bits.split(",")] if args.bits else list(report.BITS)
@@ -84,7 +95,8 @@ def main(cfg, args):
         row = {"method": method, "bits": n_bits, "label_fraction": fraction, "supervised": method in report.SUPERVISED,
                "map_all": metrics["map_all"], "map_at_100": metrics.get("map_at_100"),
                "precision_at_100": metrics.get("precision_at_100"), "train_s": train.data.metrics["train_s"],
-               "query_run_id": query.info.run_id}
+               "query_run_id": query.info.run_id,
+               **{k: metrics[k] for k in ("map_all_unseen", "map_all_seen") if k in metrics}}
         return row, mlflow.artifacts.load_dict(f"{query.info.artifact_uri}/curves.json")
 
     with job_run(cfg, "report", run_name=f"report-{tag}") as parent:
@@ -113,7 +125,10 @@ def main(cfg, args):
 
 if __name__ == "__main__":
     parser = job_parser(__doc__)
-    parser.add_argument("--setting", choices=("default", "hard"), default="default")
+    parser.add_argument("--setting", choices=("default", "hard", "unseen"), default="default",
+                        help="hard: labels from one GM bank, index the other; unseen: a seeded share of the classes "
+                             "(train.seed) has no label in training")
+    parser.add_argument("--unseen-share", type=float, default=0.25, help="unseen setting: share of classes unlabeled")
     parser.add_argument("--dataset", default="gm", help="a dataset of `python -m audiohash.dataset --list` (default: gm)")
     parser.add_argument("--methods", default="", help="comma-separated (default: sh,itq,agh,pq,opq,dqn,dqn_cls)")
     parser.add_argument("--bits", default="", help="comma-separated (default: 8,16,24,32,64)")

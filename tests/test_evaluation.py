@@ -2,7 +2,7 @@
 import numpy as np
 
 from audiohash import metrics
-from audiohash.evaluation import curve_points, retrieval_curves
+from audiohash.evaluation import class_group_metrics, curve_points, retrieval_curves
 
 
 def test_curves_match_per_rank_metrics():
@@ -33,3 +33,15 @@ def test_curve_points_cover_1_to_R():
     for R in (1, 2, 10, 9348):
         pts = curve_points(R)
         assert pts[0] == 1 and pts[-1] == R and (np.diff(pts) > 0).all()
+
+
+def test_class_group_metrics_hand_worked():
+    # Database labels a a b b; query 0 (a, seen) ranks [0, 2, 1, 3]: AP (1 + 2/3) / 2;
+    # query 1 (b, unseen) ranks [2, 3, 0, 1]: AP 1.
+    db = np.array(["a", "a", "b", "b"], object)
+    ranked = np.array([[0, 2, 1, 3], [2, 3, 0, 1]])
+    out = class_group_metrics(np.array(["a", "b"], object), db, ranked, ["a"])
+    assert out == {"n_queries_unseen": 1, "map_all_unseen": 1.0, "map_all_seen": (1 + 2 / 3) / 2}
+    assert class_group_metrics(np.array(["a", "b"], object), db, ranked[:, :2], ["a"]) == {}  # not whole-database
+    only_seen = class_group_metrics(np.array(["a"], object), db, ranked[:1], ["a", "b"])
+    assert only_seen == {"n_queries_unseen": 0, "map_all_seen": (1 + 2 / 3) / 2}

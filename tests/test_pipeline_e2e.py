@@ -121,3 +121,29 @@ def test_query_refuses_codes_of_another_model_version(spark, pipeline):
                         "model.version=2")
     with pytest.raises(AudiohashError, match=r"audiohash-pq-32b:1.*audiohash-pq-32b:2"):
         run_job_main("query", newer)
+
+
+def test_train_takes_unlabeled_splits_and_hides_named_classes(spark, pipeline):
+    """train.unlabeled_splits adds rows without their labels; train.unlabeled_classes hides a class's
+    labels (and a class no row has is refused by name)."""
+    import pandas as pd
+
+    from audiohash.errors import AudiohashError
+    from audiohash.tracking import load_registered_bundle
+
+    manifest = pd.read_csv(pipeline.extract_input)
+    db, query = manifest[manifest["split"] == "db"], manifest[manifest["split"] == "query"]
+    hidden = sorted(db["label"].unique())[0]
+    cfg = make_config(pipeline.lake.root, f"extract.input={pipeline.extract.input}", "train.method=dqn",
+                      "train.bits=16", "train.hyper.dqn={steps: 40, warmup_steps: 20, refit_every: 20}",
+                      "train.unlabeled_splits=[query]", f"train.unlabeled_classes=[{hidden}]")
+    run_job_main("train", cfg, method=None, bits=None, label_fraction=None)
+    meta = load_registered_bundle(cfg).meta
+    assert meta["n_train"] == len(db) + len(query)
+    # Labels come from the db split's classes but the hidden one: round(0.1 x its clips), at least 1, each.
+    per_class = db[db["label"] != hidden].groupby("label").size()
+    assert meta["n_labeled"] == sum(max(1, round(0.1 * n)) for n in per_class)
+    assert hidden not in meta["classes"] and meta["unlabeled_splits"] == ["query"]
+    cfg.train.unlabeled_classes = ["no-such-class"]
+    with pytest.raises(AudiohashError, match=r"train.unlabeled_classes: no training row has the class\(es\) \['no-such-class'\]"):
+        run_job_main("train", cfg, method=None, bits=None, label_fraction=None)

@@ -19,10 +19,11 @@ from audiohash.metrics import (
 from audiohash.quantizers import METHODS, QuantizerState, load_quantizer, make_quantizer
 from audiohash.quantizers.binary import agh_projection, spectral_modes
 from audiohash.quantizers.dqn import confident_pseudo_labels, pairwise_cosine_loss, quantization_loss
+from audiohash.quantizers.semi import confident_agreement_loss, noisy_view, proxy_logits
 
 # Few optimizer steps: these tests check the plumbing, test_supervised_beats_pq the learning.
 FAST_DQN = {"steps": 60, "warmup_steps": 20, "refit_every": 20}
-HYPER = {"dqn": FAST_DQN, "dqn_cls": FAST_DQN}
+HYPER = {"dqn": FAST_DQN, "dqn_cls": FAST_DQN, "dqn_semi": FAST_DQN}
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,7 @@ def test_quantization_loss():
     assert quantization_loss(z, torch.zeros_like(z)).item() == pytest.approx((0.3125 + 0.05) / 2)
 
 
-@pytest.mark.parametrize("method", ["dqn", "dqn_cls"])
+@pytest.mark.parametrize("method", ["dqn", "dqn_cls", "dqn_semi"])
 def test_dqn_is_deterministic(method, data):
     x, labels, _ = data
     codes = [fit(method, 16, x, labels, seed=3).encode(x) for _ in range(2)]
@@ -250,6 +251,50 @@ def test_self_training_changes_the_successor_only_through_unlabeled_rows(data):
         make_quantizer("dqn_cls", 16, pseudo_rounds=-1)
 
 
+def test_proxy_logits_hand_worked():
+    # z1 is along proxy 0; z2 at 45 degrees between the proxies; norms do not matter.
+    z = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    proxies = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+    c = 1 / math.sqrt(2)
+    np.testing.assert_allclose(proxy_logits(z, proxies, 10.0).numpy(), [[10.0, 0.0], [10 * c, 10 * c]], rtol=1e-6)
+
+
+def test_confident_agreement_loss_hand_worked():
+    # Clean view: row 0 is sure of proxy 1 (p = e^4 / (1 + e^4) = 0.982), row 1 is not (0.5 each).
+    clean = torch.tensor([[0.0, 4.0], [1.0, 1.0]])
+    noisy = torch.tensor([[2.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    loss = confident_agreement_loss(clean, noisy, 0.95)
+    # Only row 0 counts, against proxy 1: -log softmax([2, 0])[1] = log(1 + e^2); divided by both rows.
+    assert loss.item() == pytest.approx(math.log(1 + math.e ** 2) / 2, rel=1e-6)
+    loss.backward()
+    assert noisy.grad[1].abs().sum() == 0  # the unsure row gives no gradient
+    assert confident_agreement_loss(clean, noisy, 0.99).item() == 0.0  # nobody that sure
+    clean_grad = clean.clone().requires_grad_(True)
+    confident_agreement_loss(clean_grad, noisy, 0.5).backward()
+    assert clean_grad.grad is None  # the clean view is a fixed target
+
+
+def test_noisy_view():
+    x = torch.ones(2000, 8)
+    g = torch.Generator().manual_seed(0)
+    np.testing.assert_array_equal(noisy_view(x, 0.0, 0.0, g).numpy(), x.numpy())
+    masked = noisy_view(x, 0.0, 0.25, g)
+    assert set(masked.unique().tolist()) == {0.0, 1.0} and abs(float((masked == 0).float().mean()) - 0.25) < 0.02
+    noisy = noisy_view(x, 0.5, 0.0, g)
+    assert abs(float((noisy - x).std()) - 0.5) < 0.02
+    again = noisy_view(x, 0.5, 0.25, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(again.numpy(), noisy_view(x, 0.5, 0.25, torch.Generator().manual_seed(1)).numpy())
+
+
+def test_semi_supervised_training_uses_the_unlabeled_rows(data):
+    """dqn_semi learns from every row: other unlabeled rows, other network (dqn ignores them)."""
+    x, labels, _ = data
+    more = np.vstack([x, x[labels < 0][:200] * 1.5])
+    more_labels = np.concatenate([labels, np.full(200, -1)])
+    semi = [fit("dqn_semi", 16, a, b).encode(x) for a, b in ((x, labels), (more, more_labels))]
+    assert not np.array_equal(semi[0], semi[1])
+
+
 def test_a_bundle_from_before_self_training_is_refused_by_name(data):
     x, labels, _ = data
     state = make_quantizer("dqn_cls", 16, **FAST_DQN).fit(x, labels).state()
@@ -281,7 +326,7 @@ def test_supervised_beats_pq():
     labels = np.where(rng.random(len(x)) < 0.1, y, -1)
     xq, yq = x[:200], y[:200]
     scores = {}
-    for method in ("pq", "dqn", "dqn_cls"):
+    for method in ("pq", "dqn", "dqn_cls", "dqn_semi"):
         hyper = {} if method == "pq" else {"steps": 600, "warmup_steps": 200}
         q = make_quantizer(method, 32, **hyper)
         q.fit(x, labels)
@@ -289,6 +334,7 @@ def test_supervised_beats_pq():
         scores[method] = mean_average_precision(yq, y, ranked)
     assert scores["dqn"] > scores["pq"] + 0.15, scores
     assert scores["dqn_cls"] > scores["pq"] + 0.15, scores
+    assert scores["dqn_semi"] > scores["pq"] + 0.15, scores
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -366,3 +412,20 @@ def test_sample_labeled_leaves_unlabeled_rows_out_and_keeps_the_labeled_draw():
     keep = labels != "c"
     np.testing.assert_array_equal(ids_hidden[keep], ids[keep])
     assert [int((ids_hidden == k).sum()) for k in (0, 1)] == [3, 3]  # round(0.2 * 15) per class
+
+
+def test_hide_labels_and_the_unseen_class_draw():
+    from audiohash.training import draw_unseen_classes, hide_labels
+
+    labels = np.array(["a", "b", None, "c", "d", "a"], dtype=object)
+    hidden = hide_labels(labels, ["a", "d"])
+    assert hidden.tolist() == [None, "b", None, "c", None, None]
+    with pytest.raises(AudiohashError, match=r"train.unlabeled_classes: no training row has the class\(es\) \['e'\]"):
+        hide_labels(labels, ["a", "e"])
+    classes = [f"c{i:02d}" for i in range(20)]
+    draw = draw_unseen_classes(classes * 3, 0.25, 7)
+    assert len(draw) == 5 and set(draw) <= set(classes) and draw == sorted(draw)
+    assert draw == draw_unseen_classes(classes, 0.25, 7) != draw_unseen_classes(classes, 0.25, 8)
+    assert len(draw_unseen_classes(["a", "b"], 0.9, 0)) == 1  # never every class
+    with pytest.raises(AudiohashError, match="share in"):
+        draw_unseen_classes(classes, 0.0, 0)

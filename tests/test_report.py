@@ -65,3 +65,38 @@ def test_notebook_shows_the_latest_report(report, tmp_path):
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| method | 8 bits | 16 bits |" in markdown and "| dqn |" in markdown
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+
+
+def test_unseen_setting_hides_a_share_of_the_classes_and_scores_them_apart(report, spark):
+    """--setting unseen through the jobs: the train job hides the drawn classes' labels, the query
+    job scores their queries apart (map_all_unseen / map_all_seen), the report shows both."""
+    import pandas as pd
+
+    from audiohash.tracking import load_registered_bundle
+    from audiohash.training import draw_unseen_classes
+
+    cfg, folder = report
+    out = folder.parent
+    cfg.train.hyper["dqn_semi"] = {"steps": 120, "warmup_steps": 40, "refit_every": 40}
+    run_job_main("report", cfg, setting="unseen", dataset="gm", methods="pq,dqn_semi", bits="16", label_sweep=False,
+                 banks="fluidr3,timgm6mb", unseen_share=0.25, out=str(out))
+    results = json.loads((out / "unseen0" / "results.json").read_text())
+    rows = {r["method"]: r for r in results["results"]}
+    assert sorted(rows) == ["dqn_semi", "pq"]
+    manifest = pd.read_csv(cfg.extract.input)
+    unseen = draw_unseen_classes(manifest.loc[manifest["split"] == "db", "label"], 0.25, 0)
+    assert len(unseen) == round(0.25 * manifest["label"].nunique())
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    for method, row in rows.items():
+        assert 0 < row["map_all_unseen"] <= 1 and 0 < row["map_all_seen"] <= 1
+        query = mlflow.get_run(row["query_run_id"])
+        queries = manifest[manifest["split"] == "query"]
+        assert query.data.metrics["n_queries_unseen"] == queries["label"].isin(unseen).sum()
+        assert query.data.metrics["map_all_unseen"] == row["map_all_unseen"]
+    # The model never saw the unseen classes' labels: its class list lacks them.
+    cfg.train.method, cfg.train.bits = "dqn_semi", 16
+    bundle = load_registered_bundle(cfg, "latest")
+    assert bundle.meta["unlabeled_classes"] == unseen
+    assert sorted(bundle.meta["classes"]) == sorted(set(manifest["label"]) - set(unseen))
+    table = (out / "unseen0" / "results.md").read_text()
+    assert "no label in training" in table and f"| dqn_semi | {100 * rows['dqn_semi']['map_all_unseen']:.1f} |" in table

@@ -86,6 +86,11 @@ class TrainSettings:
     # not take stops the train job with a message naming it.
     hyper: dict[str, dict[str, typing.Any]] = field(default_factory=dict)
     splits: list[str] = field(default_factory=list)  # training rows; [] = encode.splits (the database)
+    # Rows of these splits join the training rows with their labels hidden (e.g. [db] when training
+    # on a labeled "train" split: the semi-supervised methods learn from the database itself).
+    unlabeled_splits: list[str] = field(default_factory=list)
+    # Classes whose labels training never sees (the unseen-class protocol of Sablayrolles et al.).
+    unlabeled_classes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -62,3 +62,18 @@ def retrieval_curves(query_labels: np.ndarray, db_labels: np.ndarray, ranked: np
     return {"r": r_points.tolist(), "map_at_r": ap[:, cols].mean(axis=0).tolist(),
             "precision_at_r": (hits[:, cols] / r_points).mean(axis=0).tolist(),
             "recall_at_r": recall.mean(axis=0).tolist()}
+
+
+def class_group_metrics(query_labels: np.ndarray, db_labels: np.ndarray, ranked: np.ndarray,
+                        seen_classes) -> dict[str, float]:
+    """mAP over whole-database rankings ranked (nq, n_db), split by whether the query's class was
+    labeled in training (``seen_classes``): map_all_seen and map_all_unseen, each where it has
+    queries, and n_queries_unseen. Empty when the ranking is not the whole database."""
+    if ranked.shape[1] < len(db_labels):
+        return {}
+    unseen = ~np.isin(np.asarray(query_labels, object), np.asarray(sorted(seen_classes), object))
+    out = {"n_queries_unseen": int(unseen.sum())}
+    for name, rows in (("map_all_unseen", unseen), ("map_all_seen", ~unseen)):
+        if rows.any():
+            out[name] = metrics.mean_average_precision(np.asarray(query_labels)[rows], db_labels, ranked[rows])
+    return out

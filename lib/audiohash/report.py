@@ -13,9 +13,9 @@ import pandas as pd
 from audiohash.plots import plot_map_at_r, plot_metric_vs, plot_precision_recall
 
 BITS = (8, 16, 24, 32, 64)
-METHODS = ("sh", "itq", "agh", "pq", "opq", "dqn", "dqn_cls")
+METHODS = ("sh", "itq", "agh", "pq", "opq", "dqn", "dqn_cls", "dqn_semi")
 LABEL_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-SUPERVISED = ("dqn", "dqn_cls")
+SUPERVISED = ("dqn", "dqn_cls", "dqn_semi")
 
 
 def hard_manifest(manifest: pd.DataFrame, train_bank: str, held_out_bank: str) -> pd.DataFrame:
@@ -53,6 +53,11 @@ def write_report(folder: str | Path, setting: str, rows: list[dict], curves: dic
     parts = [f"# audiohash comparison: {setting} setting", "",
              "mAP over the whole database (mAP@all, %) by method and code length:", "", paper_table(rows), "",
              "mAP@100 (%):", "", paper_table(rows, "map_at_100"), ""]
+    if any("map_all_unseen" in r for r in rows):  # the unseen setting: classes without labels in training
+        parts += ["mAP@all (%) of the queries whose class had no label in training:", "",
+                  paper_table([r for r in rows if "map_all_unseen" in r], "map_all_unseen"), "",
+                  "mAP@all (%) of the queries whose class had labels:", "",
+                  paper_table([r for r in rows if "map_all_seen" in r], "map_all_seen"), ""]
     plot_metric_vs(rows, "bits", "map_all", folder / "map_vs_bits.png", f"mAP@all vs code length ({setting})",
                    "bits per clip", "mAP@all")
     if curves:

@@ -42,6 +42,28 @@ def sample_labeled(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     return np.where(keep, ids, -1), classes
 
 
+def draw_unseen_classes(classes, share: float, seed: int) -> list[str]:
+    """The unseen-class protocol's split (Sablayrolles et al., ICASSP 2017): a seeded ``share`` of
+    the classes (at least one, never all) whose labels training does not see."""
+    classes = sorted(set(classes))
+    if len(classes) < 2 or not 0 < share < 1:
+        raise AudiohashError(f"unseen classes: need two classes or more and a share in (0, 1), got "
+                             f"{len(classes)} classes and {share}")
+    n = min(max(1, int(round(share * len(classes)))), len(classes) - 1)
+    return sorted(np.random.default_rng(seed).choice(classes, n, replace=False).tolist())
+
+
+def hide_labels(labels: np.ndarray, classes: list[str], what: str = "train.unlabeled_classes") -> np.ndarray:
+    """labels (object, None = unlabeled) with the rows of ``classes`` set to None. A class that no
+    row carries is refused by name (a typo would otherwise hide nothing)."""
+    present = set(labels.tolist())
+    missing = sorted(set(classes) - present)
+    if missing:
+        raise AudiohashError(f"{what}: no training row has the class(es) {missing}; classes present: "
+                             f"{sorted(c for c in present if c is not None)}")
+    return np.where(np.isin(labels, list(classes)), None, labels).astype(object)
+
+
 def train_bundle(method: str, bits: int, x: np.ndarray, labels: np.ndarray, label_fraction: float, seed: int,
                  hyper: dict, model_name: str, meta: dict) -> tuple[ModelBundle, dict]:
     """Fit ``method`` at ``bits`` on x (n, d) float32; only the sampled fraction's labels are used.

@@ -21,6 +21,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "agh": ("binary", "AGH"),
     "dqn": ("dqn", "DQN"),
     "dqn_cls": ("dqn", "DQNCls"),
+    "dqn_semi": ("semi", "SemiDQN"),
 }
 
 

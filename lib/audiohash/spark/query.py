@@ -161,7 +161,8 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     """Rank the code table for every clip of ``query_split``, append the top ``results_r`` per query
     to the results table, and (``evaluate``) score the ranking against the labels of the database
     and, with ``float_reference``, against exact float search over the database embeddings."""
-    from audiohash.evaluation import exact_float_topk, ranked_positions, retrieval_curves, retrieval_metrics
+    from audiohash.evaluation import (class_group_metrics, exact_float_topk, ranked_positions, retrieval_curves,
+                                      retrieval_metrics)
     from audiohash.spark.tables import embeddings_extractor, read_embeddings
 
     query_ids, query_labels, xq, embeddings_version = read_embeddings(spark, embeddings_table, [query_split])
@@ -197,4 +198,9 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
                 metrics.update(retrieval_metrics(query_labels, db_labels, ranked[:, :r]))
         if R == len(db_ids):
             curves = retrieval_curves(query_labels, db_labels, ranked)
+            # Query classes outside the training labels (train.unlabeled_classes): scored apart. For
+            # an unsupervised method, "classes" are those a supervised one would have seen labeled.
+            seen = bundle.meta.get("classes")
+            if seen and not np.isin(query_labels, seen).all():
+                metrics.update(class_group_metrics(query_labels, db_labels, ranked, seen))
     return QueryOutcome(metrics, curves, codes_version, len(xq))
