@@ -8,7 +8,7 @@ with an extractor (``--extractor``, default timbre) through the extract job's ow
 per window, as the job writes them), and then, in one process and with the train job's own code
 (``training.train_bundle``: the same stratified label sample, the same seeds, the database rows
 sorted by clip_id as the job reads them):
-- for each method in {sh, itq, agh, pq, opq, dqn, dqn_cls} and bits in {8, 16, 24, 32, 64}, trains
+- for each method in {sh, itq, agh, pq, opq, dqn, dqn_cls, dqn_semi} and bits in {8, 16, 24, 32, 64}, trains
   on the database split with labeled fraction 0.1 (supervised methods see only those labels),
   encodes the database and ranks every database clip for each held-out query (the quantizer's own
   faiss scan, as the query job's executors run it): mAP@all, mAP@100, precision@100;

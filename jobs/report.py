@@ -130,7 +130,7 @@ if __name__ == "__main__":
                              "(train.seed) has no label in training")
     parser.add_argument("--unseen-share", type=float, default=0.25, help="unseen setting: share of classes unlabeled")
     parser.add_argument("--dataset", default="gm", help="a dataset of `python -m audiohash.dataset --list` (default: gm)")
-    parser.add_argument("--methods", default="", help="comma-separated (default: sh,itq,agh,pq,opq,dqn,dqn_cls)")
+    parser.add_argument("--methods", default="", help="comma-separated (default: sh,itq,agh,pq,opq,dqn,dqn_cls,dqn_semi)")
     parser.add_argument("--bits", default="", help="comma-separated (default: 8,16,24,32,64)")
     parser.add_argument("--label-sweep", action="store_true", help="also sweep the labeled fraction at 32 bits")
     parser.add_argument("--banks", default="fluidr3,timgm6mb", help="hard setting: TRAIN_BANK,HELD_OUT_BANK")
