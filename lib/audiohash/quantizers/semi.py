@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiohash.errors import AudiohashError
-from audiohash.quantizers.dqn import DQN, codebook_trainer, confident_pseudo_labels, make_network, quantization_loss
+from audiohash.quantizers.dqn import (DQN, codebook_trainer, confident_pseudo_labels, make_network, nearest_codewords,
+                                     quantization_loss)
 
 
 def proxy_logits(z: torch.Tensor, proxies: torch.Tensor, scale: float) -> torch.Tensor:
@@ -104,11 +105,11 @@ class SemiDQN(DQN):
         x_all = torch.from_numpy(xs)
         lab_rows = torch.from_numpy(np.flatnonzero(labeled))
         classes = torch.from_numpy(targets)
-        trained_codebooks = False
+        codewords = None
         for step in range(self.steps):
             if step >= self.warmup_steps and (step - self.warmup_steps) % self.refit_every == 0:
                 self._refit_codebooks(pq, xs, labeled)
-                trained_codebooks = True
+                codewords = torch.from_numpy(self.centroids)
             lab = lab_rows[torch.randint(len(lab_rows), (self.batch_size,), generator=generator)]
             every = torch.randint(len(xs), (self.unlabeled_batch,), generator=generator)
             self.network.train()
@@ -121,10 +122,11 @@ class SemiDQN(DQN):
                 loss = loss + self.pseudo_weight * confident_agreement_loss(
                     proxy_logits(z_clean, proxies, self.scale), proxy_logits(z_noisy, proxies, self.scale),
                     self.confidence)
-            if trained_codebooks:
+            if codewords is not None:
                 z = torch.cat([z_lab, z_clean])
-                reconstruction = pq.decode(pq.compute_codes(np.ascontiguousarray(z.detach().numpy())))
-                loss = loss + self.quant_weight * quantization_loss(z, torch.from_numpy(reconstruction))
+                with torch.no_grad():
+                    reconstruction = nearest_codewords(z, codewords)
+                loss = loss + self.quant_weight * quantization_loss(z, reconstruction)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
