@@ -1,4 +1,4 @@
-"""Reading a freshly appended Delta version's state: ``tables.table_state`` vs Delta's public calls.
+"""Reading a freshly appended Delta version's state: ``tables.table_state`` vs delta-spark's calls.
 
     python benchmarks/table_state.py --n 1000000 --out FILE.json
 
@@ -7,7 +7,7 @@ protocol, partitioning, properties and the data files. On the n-row embeddings t
 encode_speed.py (real embeddings, replicated; built once under benchmarks/.cache), each round
 appends n/100 rows twice (untimed, as the extract job would) and times, each on a version nobody
 has read yet:
-  ours: ``table_state`` (Delta's snapshot, the files from the version's checksum file);
+  ours: ``table_state`` (``delta_tables``: delta-rs over the Delta log, no JVM, no Spark job);
   reference: ``DeltaTable.detail()`` and ``DataFrame.inputFiles()``, what the jobs called before.
 Both must give the same version, id and files. The table is restored to its n rows at the end.
 Writes {"n", "rounds", "ours_s", "reference_s" (medians), "ratio" (ours_s / reference_s), the
@@ -50,7 +50,7 @@ def main() -> None:
             started = time.perf_counter()
             state = table_state(spark, embeddings)
             ours.append(time.perf_counter() - started)
-            assert state.version == version and state.files is not None, "no files in the checksum"
+            assert state.version == version and state.files is not None, "no file listing"
 
             version = write_rows(spark, x, labels, first + new, first + 2 * new, 2 + 2 * r, embeddings)
             started = time.perf_counter()

@@ -7,10 +7,8 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -143,9 +141,8 @@ def test_first_encode_is_full_with_lineage_and_a_rerun_writes_nothing(spark, bas
 
 
 def test_table_state_lists_a_versions_files_as_spark_does(spark, lake, tmp_path):
-    """``table_state`` reads a version's files from its checksum file where Delta wrote them there:
-    the same files Spark's listing gives, for a table the encode tasks wrote and one Spark's writer
-    appended to; a version without them (a RESTORE writes no checksum here) leaves the listing to Spark."""
+    """``table_state`` (delta-rs over Delta's log, no JVM) lists the same files as Spark's listing,
+    for a table the encode tasks wrote, one Spark's writer appended to, and after a RESTORE."""
     from delta.tables import DeltaTable
 
     from audiohash.spark.tables import table_state
@@ -159,11 +156,12 @@ def test_table_state_lists_a_versions_files_as_spark_does(spark, lake, tmp_path)
     for path, version in ((codes, 0), (lake / "embeddings", 1)):
         state = table_state(spark, str(path))
         assert state.version == version and state.min_reader_version == 1 and state.properties == {}
-        assert state.files is not None and sorted(state.files) == listing(path)
+        assert sorted(state.files) == listing(path)
     assert table_state(spark, codes).partition_columns == ["shard"]
     DeltaTable.forPath(spark, str(lake / "embeddings")).restoreToVersion(0)
     state = table_state(spark, str(lake / "embeddings"))
-    assert state.version == 2 and (state.files is None or sorted(state.files) == listing(lake / "embeddings"))
+    assert state.version == 2 and sorted(state.files) == listing(lake / "embeddings")
+    assert table_state(spark, str(lake / "embeddings"), 1).files != state.files
     with pytest.raises(AudiohashError, match=f"{tmp_path / 'nowhere'} is not a Delta table"):
         table_state(spark, str(tmp_path / "nowhere"))
 
@@ -341,42 +339,20 @@ def test_compare_mode_refuses_a_table_re_extracted_by_another_extractor_of_the_s
     assert version_of(spark, codes) == before
 
 
-SLOW_HOOK = '''
-import os, time
-import audiohash.encoding as encoding
-_encode_batch = encoding.encode_batch
-def _slow(*args, **kwargs):
-    time.sleep(float(os.environ["AUDIOHASH_TEST_SLOW_BATCH_S"]))
-    return _encode_batch(*args, **kwargs)
-encoding.encode_batch = _slow
-'''
-
-
-def test_a_run_killed_mid_write_leaves_no_partial_commit(spark, lake, capsys, tmp_path):
+def test_a_run_killed_before_its_commit_leaves_the_table_as_it_was(spark, lake, capsys):
+    """The driver dies (fault point ``encode.before_commit``: an exit as abrupt as SIGKILL) once the
+    tasks have written every code file: nothing is committed, the old index stays, a rerun works."""
     cfg1 = config(lake, "model.version=1")
     codes_dir = Path(cfg1.lake.table("codes"))
     files_before = set(codes_dir.rglob("*.parquet"))
-
-    # The driver and every Python worker import this sitecustomize: each encode batch sleeps, so
-    # the job is still running when its first tasks have written their files.
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_HOOK)
-    env = {**os.environ, "AUDIOHASH_TEST_SLOW_BATCH_S": "0.4",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "AUDIOHASH_FAULT": "encode.before_commit:exit",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, str(REPO / "jobs" / "encode.py"), "--conf-file", str(REPO / "conf" / "small.yaml"),
             f"lake.root={lake}", "train.bits=32", f"encode.n_shards={N_SHARDS}", "model.version=2",
-            "encode.batch_rows=100", "spark.master=local[2]", "spark.show_progress=false"]
-    job = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while not set(codes_dir.rglob("*.parquet")) - files_before:
-            assert job.poll() is None, "encode finished before it could be killed:\n" + job.stdout.read().decode()
-            assert time.time() < deadline, "encode wrote no file within 240 s"
-            time.sleep(0.05)
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and its JVM, mid-write
-    finally:
-        job.wait(30)
-    assert job.returncode == -signal.SIGKILL
+            "spark.master=local[2]", "spark.show_progress=false"]
+    job = subprocess.run(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         timeout=600)
+    assert job.returncode == 137, job.stdout.decode()[-3000:]
     assert set(codes_dir.rglob("*.parquet")) - files_before  # files written, never committed
 
     assert version_of(spark, codes_dir) == 0
@@ -386,6 +362,30 @@ def test_a_run_killed_mid_write_leaves_no_partial_commit(spark, lake, capsys, tm
     assert "full reindex" in out
     assert version_of(spark, codes_dir) == 1
     assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 2), 2)
+
+
+def test_the_loser_of_two_concurrent_encodes_is_told_and_leaves_no_file(spark, lake, capsys):
+    """Another full encode commits while this one's files are written but not committed (fault point
+    ``encode.before_commit`` runs it): this run is refused with the winner's version, its files
+    are deleted, the table holds the winner's index alone."""
+    from audiohash import delta_tables, faults
+
+    cfg2 = config(lake, "model.version=2", "encode.mode=full")
+    codes_dir = Path(cfg2.lake.table("codes"))
+    files_before = set(codes_dir.rglob("*.parquet"))
+    winner = {}
+
+    def other_run():
+        winner["out"] = encode(config(lake, "model.version=1", "encode.mode=full"), capsys)
+
+    with faults.at("encode.before_commit", other_run):
+        with pytest.raises(AudiohashError, match=r"another writer committed version 1 while this run was writing "
+                                                 r"\(it had read version 0\).*Run it again"):
+            encode(cfg2, capsys)
+    assert "wrote codes v1" in winner["out"] and version_of(spark, codes_dir) == 1
+    committed = {Path(uri[len("file:"):]) for uri in delta_tables.table_state(str(codes_dir)).files}
+    assert committed - files_before and set(codes_dir.rglob("*.parquet")) == files_before | committed
+    assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 1), 1)
 
 
 def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplog):

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from audiohash.arrow_arrays import code_matrix
-from audiohash.encoding import (EncodePlan, Lineage, appended_files, data_file, encode_batch, fingerprint, plan_encode,
+from audiohash.encoding import (EncodePlan, Lineage, encode_batch, fingerprint, plan_encode,
                                 select_splits, shard_of)
 from audiohash.errors import AudiohashError
 from audiohash.quantizers import make_quantizer
@@ -148,72 +148,56 @@ def requested(**changes) -> Lineage:
     return Lineage(**values)
 
 
-def add(path, data_change=True, **extra):
-    return {"add": {"path": path, "dataChange": data_change, **extra}}
+NOTHING_ADDED = ((), "0 file(s) appended to the embeddings table")
 
 
 def test_plan_full_when_no_table_or_another_index():
     assert plan_encode(requested(), None, "incremental", None).mode == "full"
-    assert plan_encode(requested(), LINEAGE, "full", []).mode == "full"
-    switch = plan_encode(requested(model_version=4, embeddings_version=12), LINEAGE, "incremental", [])
+    assert plan_encode(requested(), LINEAGE, "full", NOTHING_ADDED).mode == "full"
+    switch = plan_encode(requested(model_version=4, embeddings_version=12), LINEAGE, "incremental", NOTHING_ADDED)
     assert switch.mode == "full" and "model_version 3 -> 4" in switch.reason
-    assert plan_encode(requested(n_shards=16), LINEAGE, "incremental", []).mode == "full"
-    assert plan_encode(requested(splits=("db", "query")), LINEAGE, "incremental", []).mode == "full"
+    assert plan_encode(requested(n_shards=16), LINEAGE, "incremental", NOTHING_ADDED).mode == "full"
+    assert plan_encode(requested(splits=("db", "query")), LINEAGE, "incremental", NOTHING_ADDED).mode == "full"
     # The same splits in another order are the same index.
     same = Lineage(**{**LINEAGE.__dict__, "splits": ("query", "db")})
-    assert plan_encode(same, Lineage(**{**LINEAGE.__dict__, "splits": ("db", "query")}), "incremental", []).mode == "none"
+    assert plan_encode(same, Lineage(**{**LINEAGE.__dict__, "splits": ("db", "query")}), "incremental", NOTHING_ADDED).mode == "none"
 
 
 def test_plan_nothing_when_the_embeddings_did_not_change():
-    plan = plan_encode(requested(), LINEAGE, "incremental", [])
+    plan = plan_encode(requested(), LINEAGE, "incremental", NOTHING_ADDED)
     assert plan == EncodePlan("none", "embeddings table unchanged since version 10")
-    only_info = [{"commitInfo": {"operation": "WRITE"}}, {"protocol": {"minReaderVersion": 1}}]
-    assert plan_encode(requested(embeddings_version=11), LINEAGE, "incremental", only_info).mode == "none"
+    # Versions that added no file (a commit of settings alone would come as (None, why)).
+    assert plan_encode(requested(embeddings_version=11), LINEAGE, "incremental", NOTHING_ADDED).mode == "none"
 
 
 def test_plan_append_reads_only_the_appended_files():
-    actions = [{"commitInfo": {}}, add("part-0001-a.snappy.parquet"), add("split=db/part-0002%20b.snappy.parquet"),
-               add("file:/lake/embeddings/part-0003-c.snappy.parquet")]
-    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", actions)
-    assert plan.mode == "append"
-    assert plan.added_files == ("part-0001-a.snappy.parquet", "split=db/part-0002%20b.snappy.parquet",
-                                "file:/lake/embeddings/part-0003-c.snappy.parquet")
+    files = ("file:/lake/embeddings/part-0001-a.snappy.parquet", "file:/lake/embeddings/part-0003-c.snappy.parquet")
+    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", (files, "2 file(s) appended"))
+    assert plan == EncodePlan("append", "2 file(s) appended", files)
 
 
-@pytest.mark.parametrize("action, why", [
-    ({"remove": {"path": "part-0001.parquet", "dataChange": True}}, "removed or rewritten"),
-    (add("part-9.parquet", data_change=False), "rewritten"),
-    (add("part-9.parquet", deletionVector={"storageType": "u"}), "rewritten"),
-    ({"metaData": {"id": "x"}}, "schema or settings"),
-])
-def test_plan_compares_every_row_after_anything_but_appends(action, why):
-    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", [add("part-1.parquet"), action])
-    assert plan.mode == "compare" and why in plan.reason
+def test_plan_compares_every_row_after_anything_but_appends():
+    why = "rows were removed or rewritten in the embeddings table"
+    plan = plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", (None, why))
+    assert plan == EncodePlan("compare", why)
 
 
 def test_plan_follows_the_table_not_its_path():
-    moved = plan_encode(requested(embeddings_table="s3a://bucket/lake/embeddings"), LINEAGE, "incremental", [])
+    moved = plan_encode(requested(embeddings_table="s3a://bucket/lake/embeddings"), LINEAGE, "incremental", NOTHING_ADDED)
     assert moved.mode == "none"
-    other = plan_encode(requested(embeddings_table_id="table-2"), LINEAGE, "incremental", [])
+    other = plan_encode(requested(embeddings_table_id="table-2"), LINEAGE, "incremental", NOTHING_ADDED)
     assert other.mode == "compare" and "table-1 -> table-2" in other.reason
 
 
 def test_plan_compares_when_the_log_is_gone_or_the_table_went_back():
     assert plan_encode(requested(embeddings_version=12), LINEAGE, "incremental", None).mode == "compare"
-    older = plan_encode(requested(embeddings_version=4), LINEAGE, "incremental", [])
+    older = plan_encode(requested(embeddings_version=4), LINEAGE, "incremental", NOTHING_ADDED)
     assert older.mode == "compare" and "older" in older.reason
 
 
 def test_plan_rejects_an_unknown_mode():
     with pytest.raises(AudiohashError, match="encode.mode.*'incremental', 'full'.*'nightly'"):
         plan_encode(requested(), LINEAGE, "nightly", [])
-
-
-def test_data_file_of_log_paths():
-    assert data_file("/lake/emb/", "part-00000-x.c000.snappy.parquet") == "/lake/emb/part-00000-x.c000.snappy.parquet"
-    assert data_file("s3a://b/lake/emb", "split=a%20b/part-1.parquet") == "s3a://b/lake/emb/split=a b/part-1.parquet"
-    assert data_file("/lake/emb", "s3a://other/part-2.parquet") == "s3a://other/part-2.parquet"
-    assert appended_files([])[0] == []
 
 
 def test_code_table_batch_adds_the_runs_shared_columns_in_table_order():

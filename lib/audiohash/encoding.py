@@ -5,7 +5,7 @@
 - ``Lineage``: what a code-table commit was made from (model version, embeddings version, shards,
   splits, MLflow run); stored as the Delta commit's userMetadata, read back by the next run.
 - ``plan_encode``: from the code table's lineage, the requested one and the embeddings table's
-  log since then, decide what a run must do: nothing, append the rows of new files, compare
+  changes since then, decide what a run must do: nothing, append the rows of new files, compare
   every row's fingerprint, or re-encode everything.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import urllib.parse
 import zlib
 from dataclasses import asdict, dataclass, field
 
@@ -222,7 +221,7 @@ class Lineage:
 class EncodePlan:
     """What one encode run does.
 
-    mode: "none" (write nothing), "append" (encode the rows of ``added_files``, Delta log paths),
+    mode: "none" (write nothing), "append" (encode the rows of ``added_files``, URIs of data files),
     "compare" (upsert rows whose fingerprint changed, delete rows gone from the embeddings),
     "full" (re-encode every row, replace the table in one commit).
     """
@@ -232,44 +231,16 @@ class EncodePlan:
     added_files: tuple[str, ...] = field(default=())
 
 
-def data_file(table: str, log_path: str) -> str:
-    """Location of a data file named by a Delta log ``add`` path (URL-encoded; relative to the
-    table, or an absolute URI)."""
-    if urllib.parse.urlparse(log_path).scheme:
-        return log_path
-    return table.rstrip("/") + "/" + urllib.parse.unquote(log_path)
-
-
-def appended_files(actions: list[dict]) -> tuple[list[str] | None, str]:
-    """Delta log actions of the commits after the last encoded version -> (added files, why).
-
-    Returns the log paths of the data files added by commits that only add rows. Any
-    action that removes or rewrites rows (remove, a dataChange=false add from OPTIMIZE, a schema
-    change, deletion vectors) returns (None, reason): then rows may have changed anywhere.
-    """
-    added = []
-    for action in actions:
-        if "remove" in action:
-            return None, "rows were removed or rewritten in the embeddings table"
-        if "metaData" in action:
-            return None, "the embeddings table's schema or settings changed"
-        if "add" in action:
-            add = action["add"]
-            if not add.get("dataChange", True) or add.get("deletionVector"):
-                return None, "files of the embeddings table were rewritten"
-            added.append(add["path"])
-    return added, f"{len(added)} file(s) appended to the embeddings table"
-
-
 def plan_encode(requested: Lineage, current: Lineage | None, mode: str,
-                actions: list[dict] | None) -> EncodePlan:
+                appended: tuple[tuple[str, ...] | None, str] | None) -> EncodePlan:
     """Decide what to do.
 
     requested: the lineage this run would write (the model to use, the embeddings version to
     read). current: the lineage of the code table's content, None when there is no table or its
-    content was changed by something else than encode. actions: the embeddings table's log
-    actions of versions current.embeddings_version + 1 .. requested.embeddings_version, None if
-    not readable.
+    content was changed by something else than encode. appended: what versions
+    current.embeddings_version + 1 .. requested.embeddings_version of the embeddings table did
+    (``delta_tables.files_appended``): (the data files they added, why) where they only added
+    files, (None, why) where they changed rows otherwise; None if that is not known.
     """
     if mode not in ENCODE_MODES:
         raise AudiohashError(f"config key 'encode.mode' must be one of {list(ENCODE_MODES)}, got {mode!r}")
@@ -290,10 +261,11 @@ def plan_encode(requested: Lineage, current: Lineage | None, mode: str,
     if requested.embeddings_version < current.embeddings_version:
         return EncodePlan("compare", f"embeddings version {requested.embeddings_version} is older than the "
                                      f"encoded version {current.embeddings_version}")
-    if actions is None:
+    if appended is None:
         return EncodePlan("compare", f"embeddings log after version {current.embeddings_version} not usable "
-                                     f"(cleaned up, or the table is partitioned or column-mapped)")
-    added, why = appended_files(actions)
+                                     f"(cleaned up, not on local storage, or the table is partitioned or "
+                                     f"column-mapped)")
+    added, why = appended
     if added is None:
         return EncodePlan("compare", why)
     if not added:

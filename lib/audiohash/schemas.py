@@ -53,3 +53,22 @@ RESULTS_DDL = (
     "query_id string, rank int, clip_id string, distance float, run_id string, "
     "model_name string, model_version int"
 )
+
+
+_ARROW_TYPES = {"string": "string", "int": "int32", "long": "int64", "double": "float64", "float": "float32",
+                "binary": "binary", "boolean": "bool"}
+
+
+def arrow_schema(ddl: str):
+    """The pyarrow schema of a DDL string of this module, as Spark would write it to a Delta table
+    (timestamps in UTC microseconds: Delta's ``timestamp``)."""
+    import pyarrow as pa
+
+    def arrow_type(name: str):
+        if name == "timestamp":
+            return pa.timestamp("us", tz="UTC")
+        if name.startswith("array<") and name.endswith(">"):
+            return pa.list_(arrow_type(name[len("array<"):-1]))
+        return pa.type_for_alias(_ARROW_TYPES[name])
+
+    return pa.schema([(column.split()[0], arrow_type(column.split()[1])) for column in ddl.split(", ")])

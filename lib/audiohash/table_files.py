@@ -5,7 +5,7 @@ Moving rows from Spark's reader into Python workers costs more than reading the 
 files with pyarrow (benchmarks/embedding_transfer.py; the query scan and the encode read both
 measured it), so where a version's files hold exactly its rows the tasks read them directly.
 The encode tasks also write code files here (``write_partitioned``); the Spark layer commits them
-(``spark.tables.write_and_commit``).
+(``delta_tables.commit_files``).
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ together with its lineage, so the next incremental run starts from what was rest
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 import uuid
@@ -28,21 +27,24 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
+from delta.exceptions import (ConcurrentAppendException, ConcurrentDeleteDeleteException,
+                              ConcurrentDeleteReadException, ConcurrentTransactionException, ConcurrentWriteException,
+                              DeltaConcurrentModificationException, MetadataChangedException, ProtocolChangedException)
 from delta.tables import DeltaTable
 from pyspark import Accumulator, StorageLevel, TaskContext
 from pyspark.broadcast import Broadcast
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
-from audiohash.encoding import CODES_COLUMNS, EncodePlan, Lineage, data_file, first_duplicate, plan_encode
+from audiohash import delta_tables, faults
+from audiohash.encoding import CODES_COLUMNS, EncodePlan, Lineage, first_duplicate, plan_encode
 from audiohash.errors import AudiohashError
-from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL
-from audiohash.spark.tables import (TableState, append_delta, direct_read_groups, indexed_tasks,
-                                    overwrite_delta, qualified_uri, session_conf, set_worker_threads,
-                                    table_exists, table_state, table_version, write_and_commit)
+from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, REJECTS_DDL, arrow_schema
+from audiohash.spark.tables import (TableState, append_delta, direct_read_groups, indexed_tasks, local_table,
+                                    overwrite_delta, session_conf, set_worker_threads, table_exists,
+                                    table_history, table_state, table_version)
 from audiohash.table_files import ENCODE_TASK_BYTES, SCAN_TASK_BYTES
 
 log = logging.getLogger("audiohash.encode")
@@ -51,8 +53,10 @@ USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
 SPARK_WRITER_NOTE = ("the code table is not one the encode tasks write (storage, schema, layout or protocol): "
                      "written through Spark's Delta writer")
+DELTA_CONFLICTS = (ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
+                   ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
+                   MetadataChangedException, ProtocolChangedException)
 HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
-MAX_LOG_VERSIONS = 1000  # embeddings commits read to find appended files; more: compare every row
 
 
 @dataclass
@@ -87,14 +91,14 @@ def read_rows(spark: SparkSession, embeddings_table: str, version: int, splits: 
               files: tuple[str, ...] | None = None) -> DataFrame:
     """The embeddings table at ``version`` (rows of ``splits``, all if empty), from Spark's reader.
 
-    files: Delta log paths of data files: read those only. They are read as Parquet directly,
+    files: URIs of data files of that version: read those only. They are read as Parquet directly,
     since Delta's reader would scan every file (it does not prune by file name); the planner
     hands over only files of plain appends, without deletion vectors, to an unpartitioned table
     without column mapping, whose rows are the files' rows.
     """
     rows = spark.read.format("delta").option("versionAsOf", version).load(embeddings_table)
     if files is not None:
-        rows = spark.read.schema(rows.schema).parquet(*[data_file(embeddings_table, f) for f in files])
+        rows = spark.read.schema(rows.schema).parquet(*files)
     if splits:
         rows = rows.filter(F.col("split").isin(list(splits)))
     return rows
@@ -216,6 +220,7 @@ def encoded_batches(batches, payload: Broadcast, n_shards: int, task_cpus: int, 
     from audiohash.bundle import cached_bundle_from_bytes
     from audiohash.encoding import encode_batch
 
+    faults.point("scan.task")
     quantizer = cached_bundle_from_bytes(payload.value).quantizer
     set_worker_threads(task_cpus)
     for batch in batches:
@@ -236,15 +241,16 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
                      commit_if: Callable[[], bool] = lambda: True) -> tuple[int, int, int] | None:
     """Where the tasks read the embeddings files themselves and the code table is on ``file:``
     storage, they also write the code files (pyarrow, one per shard per task, streamed batch by
-    batch) and the driver commits them in one Delta transaction (``tables.write_and_commit``), so
+    batch) and the driver commits them in one Delta transaction (``delta_tables.commit_files``), so
     no code row goes through the JVM. Returns (code table version, code rows written, rows left
     out as bad embeddings), or None where this does not apply (the caller uses Spark's writer)
     or ``commit_if()`` said no once the files were written (they are deleted)."""
     if rows.file_groups is None:
         return None
-    uri = qualified_uri(spark, codes_table)
-    if not uri.startswith("file:"):
+    local = local_table(spark, codes_table)
+    if local is None:
         return None
+    uri = delta_tables.file_uri(local)
     groups, splits, n_shards = rows.file_groups, rows.splits, lineage.n_shards
     payload = spark.sparkContext.broadcast(bundle_to_bytes(bundle))
     left_out = spark.sparkContext.accumulator(0)
@@ -263,11 +269,13 @@ def write_code_files(spark: SparkSession, rows: EmbeddingRows, bundle: ModelBund
         yield pa.RecordBatch.from_pylist(files, schema=CODE_FILES_SCHEMA)
 
     def write_files() -> list[dict]:
-        return [row.asDict() for row in indexed_tasks(spark, len(groups), encode_and_write, CODE_FILES_DDL).collect()]
+        files = [row.asDict() for row in indexed_tasks(spark, len(groups), encode_and_write, CODE_FILES_DDL).collect()]
+        faults.point("encode.before_commit")
+        return files
 
     try:
-        committed = write_and_commit(spark, codes_table, StructType.fromDDL(CODES_DDL), "shard", replace,
-                                     lineage.to_json(), write_files, commit_if)
+        committed = delta_tables.commit_files(local, arrow_schema(CODES_DDL), "shard", replace, lineage.to_json(),
+                                              write_files, commit_if)
     finally:
         payload.unpersist()
     if committed is None:
@@ -289,11 +297,6 @@ def code_rows(encoded: DataFrame, lineage: Lineage, encoded_at: dt.datetime) -> 
 
 
 # ---- the code table's state ------------------------------------------------------------------------
-def _history(spark: SparkSession, codes_table: str, limit: int = HISTORY_DEPTH) -> list:
-    return (DeltaTable.forPath(spark, codes_table).history(limit)
-            .select("version", "operation", "userMetadata").collect())
-
-
 def lineage_at(history: list, version: int | None = None) -> Lineage | None:
     """The lineage of the table's content at ``version`` (default: latest) from its history rows.
 
@@ -313,30 +316,13 @@ def lineage_at(history: list, version: int | None = None) -> Lineage | None:
 
 def code_table_state(spark: SparkSession, codes_table: str) -> tuple[int, Lineage | None]:
     """(latest version, lineage of its content) of a code table, from one read of its history."""
-    history = _history(spark, codes_table)
+    history = table_history(spark, codes_table, HISTORY_DEPTH)
     return max(r["version"] for r in history), lineage_at(history)
 
 
-def embeddings_log_actions(spark: SparkSession, embeddings_table: str, after: int, upto: int) -> list[dict] | None:
-    """The Delta log actions of versions after+1 .. upto of a table, or None if not readable
-    (log files cleaned up, too many versions). Reads the JSON commit files; needs no change data feed."""
-    if upto <= after:
-        return []
-    if upto - after > MAX_LOG_VERSIONS:
-        return None
-    log_dir = embeddings_table.rstrip("/") + "/_delta_log/"
-    paths = [f"{log_dir}{v:020d}.json" for v in range(after + 1, upto + 1)]
-    try:
-        lines = spark.read.text(paths).collect()
-    except AnalysisException as exc:
-        log.info("embeddings log after version %d not readable (%s); comparing every row", after, exc)
-        return None
-    return [json.loads(row.value) for row in lines if row.value.strip()]
-
-
 def _commit_metrics(spark: SparkSession, table: str) -> tuple[int, dict]:
-    row = DeltaTable.forPath(spark, table).history(1).select("version", "operationMetrics").first()
-    return int(row["version"]), {k: int(v) for k, v in (row["operationMetrics"] or {}).items() if v.isdigit()}
+    row = table_history(spark, table, 1)[0]
+    return row["version"], {k: int(v) for k, v in row["operationMetrics"].items() if str(v).isdigit()}
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -422,13 +408,19 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
                         version, table_id, run_id, model_run_id)
     previous, current = None, None
     if table_exists(spark, codes_table):
-        history = _history(spark, codes_table)
+        history = table_history(spark, codes_table, HISTORY_DEPTH)
         previous, current = history[0]["version"], lineage_at(history)
-    actions = None
+    appended = None
+    local = local_table(spark, embeddings_table)
     if (mode == "incremental" and current is not None and requested.same_index(current)
-            and current.embeddings_table_id == table_id and plain):
-        actions = embeddings_log_actions(spark, embeddings_table, current.embeddings_version, version)
-    plan = plan_encode(requested, current, mode, actions)
+            and current.embeddings_table_id == table_id and plain and local is not None
+            and current.embeddings_version < version):
+        try:
+            appended = delta_tables.appended_files(local, current.embeddings_version, version)
+        except AudiohashError as exc:  # the encoded version's log was cleaned up
+            log.info("embeddings table after version %d not comparable (%s); comparing every row",
+                     current.embeddings_version, exc)
+    plan = plan_encode(requested, current, mode, appended)
     log.info("encode plan: %s (%s)", plan.mode, plan.reason)
 
     def read(files: tuple[str, ...] | None = None) -> EmbeddingRows:
@@ -441,7 +433,15 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, embeddings_table: str
         # One writer per shard open at once: a task's rows need no sort by shard before the write.
         with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows),
                                   "spark.sql.maxConcurrentOutputFileWriters": str(n_shards)}):
-            written = WRITERS[plan.mode](spark, plan, bundle, codes_table, requested, read, batch_rows)
+            try:
+                written = WRITERS[plan.mode](spark, plan, bundle, codes_table, requested, read, batch_rows)
+            except DELTA_CONFLICTS:  # Spark's writer lost to a concurrent commit (the task writer says so itself)
+                latest = table_version(spark, codes_table)
+                raise delta_tables.ConcurrentCommitError(
+                    f"Delta table {codes_table}: another writer committed version {latest} while this run was "
+                    f"writing (it had read version {previous}); nothing of this run was committed (the files "
+                    f"Spark's writer wrote stay unreferenced until VACUUM). Run it again: it will start from "
+                    f"version {latest}") from None
     if written.version is None:
         return EncodeSummary(plan.mode, written.reason, 0, 0, 0, time.time() - started, version, previous, previous)
     rejected = 0
@@ -594,7 +594,7 @@ def rollback_codes(spark: SparkSession, codes_table: str, version: int) -> tuple
     index), carrying that version's lineage; returns (new version, restored lineage)."""
     if not table_exists(spark, codes_table):
         raise AudiohashError(f"code table {codes_table} does not exist; nothing to roll back")
-    history = _history(spark, codes_table, limit=None)
+    history = table_history(spark, codes_table)
     versions = {r["version"] for r in history}
     if version not in versions:
         raise AudiohashError(f"code table {codes_table} has no version {version}; versions: "

@@ -41,6 +41,7 @@ from functools import reduce
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
@@ -132,8 +133,20 @@ def suffix_glob(suffixes) -> str | None:
 def _exists(spark: SparkSession, path: str) -> bool:
     if _is_local(path):
         return os.path.exists(path[len("file:"):])
-    hadoop = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
-    return bool(hadoop.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(hadoop))
+    return _file_info(path) is not None
+
+
+def _file_info(path: str):
+    """pyarrow's FileInfo of a path on other storage (s3://, gs://, hdfs://, ...), None where it does
+    not exist or pyarrow has no filesystem for it (Spark's reader then reports what it finds)."""
+    from pyarrow import fs
+
+    try:
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        info = filesystem.get_file_info(inner)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return None if info.type == fs.FileType.NotFound else info
 
 
 def _local_sizes(paths) -> pd.DataFrame:
@@ -211,15 +224,12 @@ def read_inputs(spark: SparkSession, source: str, spark_io: bool) -> tuple[pd.Da
 
 
 def _file_length(spark: SparkSession, path: str) -> int | None:
-    """Size of one file on any Hadoop filesystem; None if it does not exist or is a folder."""
-    from py4j.protocol import Py4JJavaError
+    """Size of one file on other storage; None if it does not exist, is a folder, or pyarrow has no
+    filesystem for it."""
+    from pyarrow import fs
 
-    hadoop = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
-    try:
-        status = hadoop.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).getFileStatus(hadoop)
-    except Py4JJavaError:  # FileNotFoundException, or a filesystem that refuses the path
-        return None
-    return None if status.isDirectory() else int(status.getLen())
+    info = _file_info(path)
+    return None if info is None or info.type != fs.FileType.File else int(info.size)
 
 
 def _read_manifest_table(spark: SparkSession | None, location: str, suffix: str) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from audiohash.bundle import ModelBundle, bundle_to_bytes
+from audiohash import faults
 from audiohash.errors import AudiohashError
 from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
@@ -89,6 +90,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
             from audiohash.bundle import cached_bundle_from_bytes
 
             task_started = time.perf_counter()
+            faults.point("scan.task")
             quantizer = cached_bundle_from_bytes(payload.value).quantizer
             set_worker_threads(task_cpus)
             part = scan_partition(batches, quantizer, shipped.value, k)

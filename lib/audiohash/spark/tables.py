@@ -1,13 +1,13 @@
-"""Delta table helpers: one commit per write, versions reported, executor thread settings."""
+"""The Spark side of Delta tables: writes through Spark's Delta writer (one commit each, versions
+reported), the state of a table whichever storage it is on (``delta_tables`` for local tables,
+delta-spark's public ``DeltaTable`` otherwise), tasks that read a version's files themselves, and
+executor thread settings."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
 import os
-import time
-import uuid
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -15,8 +15,9 @@ import numpy as np
 from delta.tables import DeltaTable
 from pyarrow import fs
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.types import StructType
 
+from audiohash import delta_tables
+from audiohash.delta_tables import TableState
 from audiohash.errors import AudiohashError
 from audiohash.schemas import column_names
 from audiohash.table_files import balance_files, direct_readable
@@ -24,51 +25,53 @@ from audiohash.table_files import balance_files, direct_readable
 log = logging.getLogger("audiohash.tables")
 
 
+def local_table(spark: SparkSession, path: str) -> str | None:
+    """The local path of a table this session reads and writes on local files (a ``file:`` URI, or a
+    path without a scheme while Hadoop's default filesystem is the local one); None for other
+    storage (s3a://, hdfs://, ...). Local tables have their state read and their direct writes
+    committed by ``delta_tables`` (no JVM); other tables go through delta-spark's public API."""
+    default_fs = spark.sparkContext.getConf().get("spark.hadoop.fs.defaultFS", "file:///")
+    if "://" not in path and not path.startswith("file:") and not default_fs.startswith("file:"):
+        return None
+    return delta_tables.local_path(path)
+
+
 def table_exists(spark: SparkSession, path: str) -> bool:
-    return DeltaTable.isDeltaTable(spark, path)
+    local = local_table(spark, path)
+    return delta_tables.is_table(local) if local is not None else DeltaTable.isDeltaTable(spark, path)
 
 
-@dataclass(frozen=True)
-class TableState:
-    """What a reader decides by, of a Delta table's latest version: no file listing."""
-
-    version: int
-    table_id: str  # the id a table keeps for life (a table created anew at the same path gets another)
-    min_reader_version: int
-    partition_columns: list[str]
-    properties: dict[str, str]
-    # The version's data files (URIs) where Delta keeps them in the version's checksum file (tables
-    # of fewer than spark.databricks.delta.allFilesInCrc.thresholdNumFiles files, default 50): a
-    # listing without the Spark jobs of Delta's state reconstruction. None: list them with Spark.
-    files: tuple[str, ...] | None = None
-
-
-def _delta_log(spark: SparkSession, path: str):
-    return spark._jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
-
-
-def table_state(spark: SparkSession, path: str) -> TableState:
-    """The latest version of the Delta table at ``path``, its id, reader protocol, partitioning
-    and properties, from Delta's own snapshot (delta-spark's ``DeltaLog``, as ``write_and_commit``).
-
-    ``DeltaTable.detail()`` has the same fields but also counts the version's files and bytes, and
-    listing a version's files (``DataFrame.inputFiles``) reconstructs its state: on a version not
-    yet read, each costs Spark jobs over the log: 1.25 s for both on local[2] after an append to a
-    1M-row table, against 0.10 s for this, which reads the version's checksum file
-    (benchmarks/table_state.py). delta-spark has no public Python API for the snapshot; the
-    version is pinned."""
-    log_ = _delta_log(spark, path)
-    snapshot = log_.update(*[getattr(log_, f"update$default${i}")() for i in (1, 2, 3)])
-    if snapshot.version() < 0:
+def table_state(spark: SparkSession, path: str, version: int | None = None) -> TableState:
+    """The state of the Delta table at ``path`` (latest, or ``version``): ``delta_tables.table_state``
+    for a local table (its files listed from Delta's log by delta-rs: 0.0x s, no Spark job); for one
+    on other storage, delta-spark's public ``DeltaTable.history`` and ``detail`` (Spark jobs over
+    the log; files None: Spark lists them when it reads)."""
+    local = local_table(spark, path)
+    if local is not None:
+        return delta_tables.table_state(local, version)
+    if not DeltaTable.isDeltaTable(spark, path):
         raise AudiohashError(f"{path} is not a Delta table")
-    metadata, converters = snapshot.metadata(), spark._jvm.scala.jdk.javaapi.CollectionConverters
-    files, checksum = None, snapshot.checksumOpt()
-    if checksum.isDefined() and checksum.get().allFiles().isDefined():
-        adds = converters.asJava(checksum.get().allFiles().get())
-        files = tuple(add.absolutePath(snapshot).toString() for add in adds)
-    return TableState(int(snapshot.version()), metadata.id(), int(snapshot.protocol().minReaderVersion()),
-                      list(converters.asJava(metadata.partitionColumns())),
-                      dict(converters.asJava(metadata.configuration())), files)
+    table = DeltaTable.forPath(spark, path)
+    latest = int(table.history(1).first()["version"])
+    if version not in (None, latest):
+        raise AudiohashError(f"{path}: the state of version {version} of a table off local storage is not read "
+                             f"here; read its rows with Spark's reader (versionAsOf)")
+    detail = table.detail().first()
+    schema = json.loads(spark.read.format("delta").load(path).schema.json())
+    return TableState(latest, detail["id"], int(detail["minReaderVersion"]), int(detail["minWriterVersion"]),
+                      list(detail["partitionColumns"]), dict(detail["properties"] or {}), schema)
+
+
+def table_history(spark: SparkSession, path: str, limit: int | None = None) -> list[dict]:
+    """The table's commits, newest first (at most ``limit``): version, operation, userMetadata,
+    operationMetrics; ``delta_tables.history`` for a local table, else delta-spark's public
+    ``DeltaTable.history``."""
+    local = local_table(spark, path)
+    if local is not None:
+        return delta_tables.history(local, limit)
+    rows = (DeltaTable.forPath(spark, path).history(limit)
+            .select("version", "operation", "userMetadata", "operationMetrics").collect())
+    return [{**row.asDict(), "operationMetrics": dict(row["operationMetrics"] or {})} for row in rows]
 
 
 def table_version(spark: SparkSession, path: str) -> int:
@@ -105,94 +108,18 @@ def direct_read_groups(rows: DataFrame, state: TableState, columns: list[str], m
     the tasks. ``rows``: ``version`` of the table whose latest state is ``state`` (its files come
     from ``state`` when that is the latest and lists them), or given Parquet files of it
     (``version`` None: Spark lists them)."""
-    if state.min_reader_version != 1:
-        return None  # cannot qualify: spare the file listing
-    # The listing Spark's scan would make, fully qualified.
-    uris = list(state.files) if version == state.version and state.files is not None else rows.inputFiles()
+    if state.min_reader_version != 1 or state.files is None:
+        return None  # cannot qualify (a table off local storage has no files listed): spare the listing
+    if version == state.version:
+        uris, sizes = list(state.files), list(state.sizes)
+    else:  # given files of the version (the listing Spark's scan would make, fully qualified)
+        uris = rows.inputFiles()
+        sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
     if not direct_readable(state.min_reader_version, state.partition_columns, uris, columns):
         return None
     spark = rows.sparkSession
     cores = max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
-    sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
     return [[uris[i] for i in group] for group in balance_files(sizes, cores, max_task_bytes)]
-
-
-def qualified_uri(spark: SparkSession, path: str) -> str:
-    """``path`` as Hadoop resolves it for this session: file:/..., hdfs://..., s3a://... (a path
-    without a scheme is on the default filesystem, which need not be the local one)."""
-    jpath = spark._jvm.org.apache.hadoop.fs.Path(path)
-    return jpath.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(jpath).toString()
-
-
-# The Delta protocol ``write_and_commit`` creates tables with, and the only one it adds files to.
-DIRECT_PROTOCOL = {"minReaderVersion": 1, "minWriterVersion": 2}
-
-
-def write_and_commit(spark: SparkSession, path: str, schema: StructType, partition_column: str, replace: bool,
-                     user_metadata: str, write_files: Callable[[], list[dict]],
-                     commit_if: Callable[[], bool] = lambda: True) -> tuple[int, list[dict]] | None:
-    """Write Parquet data files with ``write_files`` (the executors, ``table_files.write_partitioned``:
-    [{path, partition, size, rows}]) and commit them to the Delta table at ``path`` in one
-    transaction, started before they are written: as the table's whole content (``replace``: every
-    current file is removed in the same commit) or added to it; creates the table if needed.
-    Returns (committed version, the files). Returns None, writing nothing, when the existing table
-    has another schema, partitioning, protocol or settings than this writer makes (the caller then
-    writes through Spark's Delta writer); also None when ``commit_if()``, asked once the files are
-    written, says no: the files are then deleted, nothing is committed. A run stopped before the
-    commit leaves only unreferenced files, as Spark's writer does (VACUUM removes them).
-
-    delta-spark has no Python API for committing files written elsewhere; this uses its JVM
-    transaction (``DeltaLog.startTransaction``, ``OptimisticTransaction.commit``, actions parsed by
-    ``Action.fromJson``) through py4j, so Delta checks conflicts and writes the log entry itself.
-    These are delta-spark's internal classes: the version is pinned, and tests/test_encode_spark.py
-    exercises every call."""
-    jvm = spark._jvm
-    delta, converters = jvm.org.apache.spark.sql.delta, jvm.scala.jdk.javaapi.CollectionConverters
-    txn = _delta_log(spark, path).startTransaction()
-    now = int(time.time() * 1000)
-    actions = []
-    if txn.readVersion() < 0:  # a new table: its metadata and protocol come in the same commit
-        actions.append({"metaData": {"id": str(uuid.uuid4()), "format": {"provider": "parquet", "options": {}},
-                                     "schemaString": schema.json(), "partitionColumns": [partition_column],
-                                     "configuration": {}, "createdTime": now}})
-        actions.append({"protocol": DIRECT_PROTOCOL})
-    else:
-        metadata, protocol = txn.metadata(), txn.snapshot().protocol()
-        same = (StructType.fromJson(json.loads(metadata.schemaString())) == schema
-                and list(converters.asJava(metadata.partitionColumns())) == [partition_column]
-                and {"minReaderVersion": protocol.minReaderVersion(),
-                     "minWriterVersion": protocol.minWriterVersion()} == DIRECT_PROTOCOL
-                and not dict(converters.asJava(metadata.configuration())))
-        if not same:
-            return None
-    files = write_files()
-    if not commit_if():
-        filesystem, root = fs.FileSystem.from_uri(qualified_uri(spark, path))
-        for f in files:
-            filesystem.delete_file(f"{root}/{f['path']}")
-        log.info("%s: %d files written, not committed (commit_if said no): deleted", path, len(files))
-        return None
-    jactions = jvm.java.util.ArrayList()
-    for action in actions:
-        jactions.add(delta.actions.Action.fromJson(json.dumps(action)))
-    if replace and txn.readVersion() >= 0:
-        current = txn.filterFiles().iterator()
-        while current.hasNext():
-            jactions.add(current.next().remove())
-    for f in files:
-        jactions.add(delta.actions.Action.fromJson(json.dumps({"add": {
-            "path": f["path"], "partitionValues": {partition_column: str(f["partition"])}, "size": f["size"],
-            "modificationTime": now, "dataChange": True, "stats": json.dumps({"numRecords": f["rows"]})}})))
-    write = getattr(getattr(delta, "DeltaOperations$Write$"), "MODULE$")
-    some = jvm.scala.Some
-    partition_columns = jvm.java.util.ArrayList()
-    partition_columns.add(partition_column)
-    operation = write.apply(
-        getattr(jvm.org.apache.spark.sql.SaveMode, "Overwrite" if replace else "Append"),
-        some(converters.asScala(partition_columns).toList()),
-        getattr(write, "apply$default$3")(), some(user_metadata),
-        *[getattr(write, f"apply$default${i}")() for i in range(5, 10)])
-    return int(txn.commit(converters.asScala(jactions).toList(), operation)), files
 
 
 def indexed_tasks(spark: SparkSession, n_tasks: int, task: Callable[[int], Iterable], schema: str) -> DataFrame:
