@@ -18,8 +18,7 @@ from audiohash.metrics import (
 )
 from audiohash.quantizers import METHODS, QuantizerState, load_quantizer, make_quantizer
 from audiohash.quantizers.binary import agh_projection, spectral_modes
-from audiohash.quantizers.dqn import (codebook_trainer, confident_pseudo_labels, nearest_codewords, pairwise_cosine_loss,
-                                     quantization_loss)
+from audiohash.quantizers.dqn import confident_pseudo_labels, pairwise_cosine_loss, quantization_loss
 from audiohash.quantizers.semi import confident_agreement_loss, noisy_view, proxy_logits
 
 # Few optimizer steps: these tests check the plumbing, test_supervised_beats_pq the learning.
@@ -215,19 +214,6 @@ def test_quantization_loss():
     z = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
     assert quantization_loss(z, z.clone()).item() == 0.0
     assert quantization_loss(z, torch.zeros_like(z)).item() == pytest.approx((0.3125 + 0.05) / 2)
-
-
-def test_nearest_codewords_equals_faiss_decode_of_its_codes():
-    rng = np.random.default_rng(3)
-    z = rng.standard_normal((700, 16)).astype(np.float32)
-    pq = codebook_trainer(16, 4, seed=0)
-    pq.train(z)
-    centroids = faiss.vector_to_array(pq.centroids).reshape(4, 256, 4)
-    ours = nearest_codewords(torch.from_numpy(z[:300]), torch.from_numpy(centroids)).numpy()
-    np.testing.assert_allclose(ours, pq.decode(pq.compute_codes(z[:300])), atol=1e-6)
-    # hand-worked: one subspace of width 1, codewords 0 and 10: 4 -> 0, 6 -> 10
-    two = torch.tensor([[[0.0], [10.0]]])
-    assert nearest_codewords(torch.tensor([[4.0], [6.0]]), two).tolist() == [[0.0], [10.0]]
 
 
 @pytest.mark.parametrize("method", ["dqn", "dqn_cls", "dqn_semi"])

@@ -40,20 +40,6 @@ def quantization_loss(z: torch.Tensor, reconstruction: torch.Tensor) -> torch.Te
     return ((z - reconstruction) ** 2).sum(dim=1).mean()
 
 
-def nearest_codewords(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """C h: each subspace of z (b, D') replaced by its nearest codeword; centroids (M, K, D'/M).
-
-    The argmin of faiss's ProductQuantizer.compute_codes, kept in torch so a training step does not
-    hand its batch to faiss's OpenMP pool (which spins against torch's threads on a busy machine).
-    """
-    m, _, sub = centroids.shape
-    parts = z.reshape(len(z), m, sub).transpose(0, 1)  # (M, b, d)
-    distances = (centroids ** 2).sum(2)[:, None, :] - 2 * parts @ centroids.transpose(1, 2)  # (M, b, K)
-    nearest = distances.argmin(2)  # (M, b)
-    chosen = torch.gather(centroids, 1, nearest[:, :, None].expand(-1, -1, sub))  # (M, b, d)
-    return chosen.transpose(0, 1).reshape(len(z), m * sub)
-
-
 def codebook_trainer(code_dim: int, n_subspaces: int, seed: int) -> faiss.ProductQuantizer:
     """An untrained faiss ProductQuantizer (256 codewords per subspace) whose k-means is seeded."""
     pq = faiss.ProductQuantizer(code_dim, n_subspaces, 8)

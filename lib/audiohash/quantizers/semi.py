@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiohash.errors import AudiohashError
-from audiohash.quantizers.dqn import (DQN, codebook_trainer, confident_pseudo_labels, make_network, nearest_codewords,
-                                     quantization_loss)
+from audiohash.quantizers.dqn import DQN, codebook_trainer, confident_pseudo_labels, make_network, quantization_loss
 
 
 def proxy_logits(z: torch.Tensor, proxies: torch.Tensor, scale: float) -> torch.Tensor:
@@ -105,11 +104,11 @@ class SemiDQN(DQN):
         x_all = torch.from_numpy(xs)
         lab_rows = torch.from_numpy(np.flatnonzero(labeled))
         classes = torch.from_numpy(targets)
-        codewords = None
+        trained_codebooks = False
         for step in range(self.steps):
             if step >= self.warmup_steps and (step - self.warmup_steps) % self.refit_every == 0:
                 self._refit_codebooks(pq, xs, labeled)
-                codewords = torch.from_numpy(self.centroids)
+                trained_codebooks = True
             lab = lab_rows[torch.randint(len(lab_rows), (self.batch_size,), generator=generator)]
             every = torch.randint(len(xs), (self.unlabeled_batch,), generator=generator)
             self.network.train()
@@ -122,11 +121,10 @@ class SemiDQN(DQN):
                 loss = loss + self.pseudo_weight * confident_agreement_loss(
                     proxy_logits(z_clean, proxies, self.scale), proxy_logits(z_noisy, proxies, self.scale),
                     self.confidence)
-            if codewords is not None:
+            if trained_codebooks:
                 z = torch.cat([z_lab, z_clean])
-                with torch.no_grad():
-                    reconstruction = nearest_codewords(z, codewords)
-                loss = loss + self.quant_weight * quantization_loss(z, reconstruction)
+                reconstruction = pq.decode(pq.compute_codes(np.ascontiguousarray(z.detach().numpy())))
+                loss = loss + self.quant_weight * quantization_loss(z, torch.from_numpy(reconstruction))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
