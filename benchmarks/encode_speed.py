@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -153,22 +154,23 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
     from delta.tables import DeltaTable
 
     from audiohash.arrow_arrays import code_matrix
-    from audiohash.spark.encode import embedding_rows, encode_codes
-    from audiohash.spark.tables import table_state
+    from audiohash.config import EncodeSettings
+    from audiohash.spark.encode import EncodeParams, encode_codes
 
     _, db_labels, x_db = data.split("db")
     base = build_embeddings(spark, x_db, db_labels, n, embeddings)
     bundle = fit(method, data)
     work = Path(tempfile.mkdtemp(prefix=f"encode-{method}-", dir=CACHE))
     try:
-        encode_codes(spark, bundle, warmup_table, str(work / "warmup-codes"), str(work / "rejects"), 8, ["db"],
-                     "full")  # starts the Python workers, loads the bundle there
+        params = EncodeParams(embeddings, str(work / "codes"), str(work / "rejects"), 8, ("db",), "full",
+                              EncodeSettings().batch_rows)
+        warmup = replace(params, embeddings_table=warmup_table, codes_table=str(work / "warmup-codes"))
+        encode_codes(spark, bundle, warmup)  # starts the Python workers, loads the bundle there
         ours_times, ref_times, summary, ref_codes = [], [], None, None
         for _ in range(repeats):  # ours and the reference alternate, so both see the same machine load
             shutil.rmtree(work / "codes", ignore_errors=True)
             started = time.perf_counter()
-            summary = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
-                                   "full", embeddings_version=base)
+            summary = encode_codes(spark, bundle, replace(params, embeddings_version=base))
             ours_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             ref_codes = reference_encode(bundle.quantizer, x_ref)
@@ -182,13 +184,12 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
             for r in range(repeats):
                 appended = write_rows(spark, x_db, db_labels, n + r * new, n + (r + 1) * new, 1 + r, embeddings)
                 started = time.perf_counter()
-                incremental = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8,
-                                           ["db"], "incremental", embeddings_version=appended)
+                incremental = encode_codes(spark, bundle, replace(params, mode="incremental",
+                                                                  embeddings_version=appended))
                 incremental_times.append(time.perf_counter() - started)
                 assert incremental.mode == "append" and incremental.encoded == new, incremental.line()
             started = time.perf_counter()
-            noop = encode_codes(spark, bundle, embeddings, str(work / "codes"), str(work / "rejects"), 8, ["db"],
-                                "incremental", embeddings_version=appended)
+            noop = encode_codes(spark, bundle, replace(params, mode="incremental", embeddings_version=appended))
             noop_s = time.perf_counter() - started
         finally:
             DeltaTable.forPath(spark, embeddings).restoreToVersion(base)
@@ -198,7 +199,7 @@ def run_method(spark, method: str, data, n: int, embeddings: str, warmup_table: 
         table = codes.select("clip_id", "code").orderBy("clip_id").toArrow()
         same = (code_matrix(table.column("code"), bundle.quantizer.code_size) == ref_codes).all(axis=1)
         n_files = len(codes.inputFiles())
-        direct = embedding_rows(spark, embeddings, base, ["db"], table_state(spark, embeddings)).file_groups is not None
+        direct = summary.files_read is not None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours_s, reference_s = statistics.median(ours_times), statistics.median(ref_times)

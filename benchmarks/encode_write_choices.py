@@ -41,8 +41,10 @@ def encode_variant(spark, bundle, embeddings: str, version: int, out: str, shuff
     """One full encode into ``out`` (``_full``'s steps, with the two choices as given); returns the
     number of code files written."""
 
+    from audiohash.config import EncodeSettings
     from audiohash.encoding import Lineage
-    from audiohash.spark.encode import code_rows, embedding_rows, encode_frame
+    from audiohash.spark.code_writer import code_rows, encode_frame
+    from audiohash.spark.embedding_reader import embedding_rows
     from audiohash.spark.tables import session_conf, table_state
 
     state = table_state(spark, embeddings)
@@ -50,7 +52,7 @@ def encode_variant(spark, bundle, embeddings: str, version: int, out: str, shuff
     with session_conf(spark, {"spark.sql.maxConcurrentOutputFileWriters": str(N_SHARDS)}):
         rows = embedding_rows(spark, embeddings, version, ["db"], state)
         assert rows.file_groups is not None, "the benchmark table should be read by the tasks"
-        encoded, _ = encode_frame(rows, bundle, N_SHARDS)
+        encoded, _ = encode_frame(rows, bundle, N_SHARDS, EncodeSettings().batch_rows)
         if shuffle:
             encoded = encoded.repartition(N_SHARDS, "shard")
         codes = code_rows(encoded, lineage, dt.datetime.now(dt.timezone.utc))

@@ -110,12 +110,12 @@ def reference_loop(paths: list[str], threads: int, name: str) -> tuple[float, fl
 
 def run_job(spark, manifest: Path, lake: Path, name: str) -> tuple[float, float | None, object]:
     """One extract job into a fresh lake: (seconds, CPU seconds of driver + JVM + workers, summary)."""
-    from audiohash.spark.extract import extract_embeddings
+    from audiohash.spark.extract import ExtractParams, extract_embeddings
 
     shutil.rmtree(lake, ignore_errors=True)
     c0, t0 = process_tree_cpu_s(), time.perf_counter()
-    summary = extract_embeddings(spark, str(manifest), str(lake / "embeddings"), str(lake / "rejects"),
-                                 name, {})
+    summary = extract_embeddings(spark, ExtractParams(str(manifest), str(lake / "embeddings"),
+                                                      str(lake / "rejects"), name))
     seconds, c1 = time.perf_counter() - t0, process_tree_cpu_s()
     return seconds, (c1 - c0 if c0 is not None and c1 is not None else None), summary
 

@@ -82,7 +82,7 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
 def run_mode(spark, method: str, bits: int, data, n: int, queries: int, topk: int, repeats: int,
              query_batch: int, n_shards: int) -> dict:
     """Time our job and faiss for one quantizer; returns the JSON fields."""
-    from audiohash.spark.query import search_codes
+    from audiohash.spark.query import ScanParams, search_codes
 
     _, _, x_db = data.split("db")
     xq = replicate(data.split("query")[2], queries, noise=0.0)
@@ -91,9 +91,9 @@ def run_mode(spark, method: str, bits: int, data, n: int, queries: int, topk: in
     path = str(CACHE / f"codes-{method}-{bits}b-n{n}")
     build_code_table(spark, bundle, x_db, n, n_shards, path)
 
-    search_codes(spark, bundle, path, xq[:1], topk, query_batch)  # start the Python workers
+    search_codes(spark, bundle, xq[:1], ScanParams(path, topk, query_batch))  # start the Python workers
     cold = time.perf_counter()
-    search_codes(spark, bundle, path, xq, topk, query_batch)
+    search_codes(spark, bundle, xq, ScanParams(path, topk, query_batch))
     cold = time.perf_counter() - cold
     table = spark.read.format("delta").load(path).select("clip_id", "code").toArrow()
     db_ids = table.column("clip_id").to_numpy(zero_copy_only=False)
@@ -103,7 +103,7 @@ def run_mode(spark, method: str, bits: int, data, n: int, queries: int, topk: in
     # Ours and faiss alternate, so both see the same machine (this VM's speed drifts by 20-30%).
     ours_times, faiss_times = [], []
     for _ in range(repeats):
-        seconds, (D_ours, ids_ours, _) = timed(lambda: search_codes(spark, bundle, path, xq, topk, query_batch), 1)
+        seconds, (D_ours, ids_ours, _) = timed(lambda: search_codes(spark, bundle, xq, ScanParams(path, topk, query_batch)), 1)
         ours_times += seconds
         seconds, (D_ref, I_ref) = timed(lambda: index.search(zq, topk), 1)
         faiss_times += seconds

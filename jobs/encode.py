@@ -13,7 +13,8 @@ from audiohash.cli import job_parser, run_job
 def main(cfg, args):
     import mlflow
 
-    from audiohash.spark.encode import encode_codes, maintain_codes, rollback_codes
+    from audiohash.spark.code_table import maintain_codes, rollback_codes
+    from audiohash.spark.encode import EncodeParams, encode_codes
     from audiohash.spark.session import get_spark
     from audiohash.tracking import job_run, load_registered_bundle, resolve_model_version
 
@@ -30,9 +31,8 @@ def main(cfg, args):
     bundle = load_registered_bundle(cfg)
     _, model_run_id = resolve_model_version(bundle.model_name, str(bundle.model_version))
     with job_run(cfg, "encode", run_name=f"encode-{bundle.model_name}-v{bundle.model_version}") as run:
-        summary = encode_codes(spark, bundle, cfg.lake.table("embeddings"), codes_table, cfg.lake.table("rejects"),
-                               cfg.encode.n_shards, cfg.encode.splits, cfg.encode.mode, run.info.run_id,
-                               model_run_id, batch_rows=cfg.encode.batch_rows)
+        summary = encode_codes(spark, bundle, EncodeParams.from_config(cfg, run_id=run.info.run_id,
+                                                                       model_run_id=model_run_id))
         maintenance = maintain_codes(spark, codes_table, cfg.encode.optimize, cfg.encode.vacuum_hours) \
             if summary.wrote else []
         mlflow.log_params({"model_name": bundle.model_name, "model_version": bundle.model_version,

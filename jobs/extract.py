@@ -15,15 +15,11 @@ from audiohash.cli import job_parser, run_job
 
 
 def main(cfg, args):
-    from audiohash.spark.extract import extract_embeddings
+    from audiohash.spark.extract import ExtractParams, extract_embeddings
     from audiohash.spark.session import get_spark
 
     spark = get_spark(cfg.spark)
-    summary = extract_embeddings(
-        spark, cfg.extract_input, cfg.lake.table("embeddings"), cfg.lake.table("rejects"),
-        cfg.extract.extractor, cfg.extract.extractor_params(), max_windows=cfg.extract.max_windows,
-        batch_size=cfg.extract.batch_size, windows_per_call=cfg.extract.windows_per_call,
-    )
+    summary = extract_embeddings(spark, ExtractParams.from_config(cfg))
     print(summary.line())
 
 

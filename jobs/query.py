@@ -16,7 +16,7 @@ def main(cfg, args):
     import mlflow
 
     from audiohash.plots import plot_map_at_r, plot_precision_recall
-    from audiohash.spark.query import query_and_evaluate
+    from audiohash.spark.query import QueryParams, query_and_evaluate
     from audiohash.spark.session import get_spark
     from audiohash.tracking import job_run, load_registered_bundle
 
@@ -24,10 +24,7 @@ def main(cfg, args):
     bundle = load_registered_bundle(cfg)
     name = f"{bundle.method} {bundle.quantizer.n_bits} bits"
     with job_run(cfg, "query", run_name=f"query-{bundle.model_name}-v{bundle.model_version}") as run:
-        q = cfg.query
-        outcome = query_and_evaluate(spark, bundle, cfg.lake.table("embeddings"), cfg.lake.table("codes"),
-                                     cfg.lake.table("results"), run.info.run_id, q.split, cfg.encode.splits, q.top_r,
-                                     q.query_batch, q.memory_budget_mb, q.results_r, q.evaluate, q.float_reference)
+        outcome = query_and_evaluate(spark, bundle, QueryParams.from_config(cfg, run_id=run.info.run_id))
         mlflow.log_params({"model_name": bundle.model_name, "model_version": bundle.model_version,
                            "method": bundle.method, "bits": bundle.quantizer.n_bits,
                            "codes_version": outcome.codes_version})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -150,12 +149,6 @@ class Submission:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-    def driver_ui(self) -> str:
-        """Base URL of the driver's UI: the port Spark reports it bound (it moves on when the
-        asked-for one is taken), else the one asked for."""
-        found = re.search(r"Successfully started service 'SparkUI' on port (\d+)", self.output())
-        return f"http://127.0.0.1:{found.group(1) if found else self.ui_port}"
 
 
 class StandaloneCluster:
@@ -313,16 +306,6 @@ class StandaloneCluster:
                                        cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return Submission(process, log, ui_port)
 
-    def worker_executors(self, worker: Daemon) -> list[dict]:
-        """The executors a worker runs now (its JSON: ``id`` = executor id, ``appid``)."""
-        return (get_json(f"http://127.0.0.1:{worker.webui_port}/json/") or {}).get("executors", [])
-
-    def worker_running(self, app_id: str, executor_id: str) -> Daemon | None:
-        for worker in self.live_workers():
-            if any(e["appid"] == app_id and str(e["id"]) == executor_id for e in self.worker_executors(worker)):
-                return worker
-        return None
-
     def kill_worker(self, worker: Daemon) -> list[int]:
         """Lose a machine: SIGKILL the worker JVM and everything under it (its executor JVMs and
         their Python workers), by their process ids. Returns the pids killed."""
@@ -381,31 +364,6 @@ EVENT_LOG_CONF = {"spark.eventLog.enabled": "true", "spark.eventLog.compress": "
 
 
 # ---- watching an application: the driver's REST API while it runs, its event log afterwards ----
-def driver_app_id(ui: str) -> str | None:
-    apps = get_json(f"{ui}/api/v1/applications")
-    return apps[0]["id"] if apps else None
-
-
-def executors_running(ui: str, app_id: str, operator: str) -> set[str]:
-    """Executor ids running a task of a job of a SQL query whose physical plan holds ``operator``
-    (e.g. "MapInArrow": the Python scan of the encode or query stage), from the driver's REST API."""
-    executions = get_json(f"{ui}/api/v1/applications/{app_id}/sql?details=false&planDescription=true"
-                          f"&offset=0&length=100000") or []
-    jobs = {j for e in executions if e.get("status") == "RUNNING" and operator in e.get("planDescription", "")
-            for j in e.get("runningJobIds", [])}
-    running = set()
-    for job_id in jobs:
-        job = get_json(f"{ui}/api/v1/applications/{app_id}/jobs/{job_id}") or {}
-        for stage_id in job.get("stageIds", []):
-            for attempt in get_json(f"{ui}/api/v1/applications/{app_id}/stages/{stage_id}") or []:
-                if attempt.get("status") != "ACTIVE":
-                    continue
-                tasks = get_json(f"{ui}/api/v1/applications/{app_id}/stages/{stage_id}/{attempt['attemptId']}"
-                                 f"/taskList?status=RUNNING&length=100000") or []
-                running |= {t["executorId"] for t in tasks}
-    return running
-
-
 def stages_with_operator(events: list[dict], operator: str) -> set[int]:
     """Stage ids whose RDDs come from the SQL operator ``operator`` (RDD scope names)."""
     return {e["Stage Info"]["Stage ID"] for e in events if e["Event"] == "SparkListenerStageSubmitted"

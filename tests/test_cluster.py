@@ -20,18 +20,15 @@ import mlflow
 import numpy as np
 import pytest
 from conftest import REPO, make_config, run_job_main
-from spark_cluster import (EVENT_LOG_CONF, Daemon, StandaloneCluster, Submission, cluster_env, driver_app_id,
-                           executors_running, lost_tasks, read_event_log, stages_with_operator,
+from spark_cluster import (EVENT_LOG_CONF, Daemon, StandaloneCluster, Submission, cluster_env, descendants,
+                           lost_tasks, read_event_log, stages_with_operator,
                            standalone_cluster)  # noqa: F401  (the fixture)
 
 JOBS = ("extract", "train", "encode", "query")
 SCAN_OPERATOR = "MapInArrow"  # the Python scan of the encode and query stages, in the physical plan
-# Knobs for the worker-loss runs, so that both executors are in the scan and each task lasts long
-# enough to be caught running: one task per data file (Spark packs a small table's few files
-# into one partition otherwise, which may never run on the worker the test kills), and a fresh
-# Python worker per task (each task starts Python and imports torch and faiss: seconds).
-SLOW_SCAN = {"spark.sql.files.openCostInBytes": str(1 << 30), "spark.sql.files.maxPartitionBytes": str(1 << 30),
-             "spark.python.worker.reuse": "false"}
+# For the worker-loss runs, where the scan reads through Spark's reader: one task per data file
+# (Spark packs a small table's few files into one partition otherwise), so both executors scan.
+SPLIT_SCAN = {"spark.sql.files.openCostInBytes": str(1 << 30), "spark.sql.files.maxPartitionBytes": str(1 << 30)}
 JOB_TIMEOUT_S = 1200  # generous: the machine is shared, and JVMs start slowly under load
 
 
@@ -221,43 +218,47 @@ def test_executor_stats_of_the_query_scan_reach_the_summary_and_mlflow(spark, cl
 # ---- losing a worker in the middle of a scan ---------------------------------------------------
 @dataclass
 class Kill:
-    app_id: str
-    executor_id: str
+    task_attempt_id: int  # the scan task paused at the fault point, then killed with its worker
     worker: Daemon
     pids: list[int]
 
 
-def kill_a_worker_while_scanning(cluster: StandaloneCluster, job: Submission, timeout: float = JOB_TIMEOUT_S) -> Kill:
-    """Wait until an executor runs a task of the stage's Python scan (the driver's REST API on
-    loopback), then kill the worker hosting it, with its executor, by their pids."""
+def kill_a_worker_while_scanning(cluster: StandaloneCluster, job: Submission, pause_dir: Path,
+                                 timeout: float = JOB_TIMEOUT_S) -> Kill:
+    """The first task of the stage's Python scan stops at fault point ``scan.task``
+    (``audiohash.faults``: it writes ``pause_dir/paused``, its pid and task attempt id, and waits
+    for a release that never comes): kill the worker whose process tree holds that pid, with its
+    executor. The task is certainly mid-scan when it dies: no race with its end."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    marker = pause_dir / "paused"
+    while True:
         if job.process.poll() is not None:
-            pytest.fail(f"the job ended (exit {job.process.returncode}) before any executor scanned; "
+            pytest.fail(f"the job ended (exit {job.process.returncode}) before a scan task paused; "
                         f"last lines:\n" + "\n".join(job.output().splitlines()[-20:]))
-        ui = job.driver_ui()
-        app_id = driver_app_id(ui)
-        if app_id:
-            for executor_id in sorted(executors_running(ui, app_id, SCAN_OPERATOR)):
-                worker = cluster.worker_running(app_id, executor_id)
-                if worker is not None:
-                    return Kill(app_id, executor_id, worker, cluster.kill_worker(worker))
-        time.sleep(0.2)
-    pytest.fail(f"no executor ran a {SCAN_OPERATOR} task within {timeout:.0f} s")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {SCAN_OPERATOR} task reached fault point scan.task within {timeout:.0f} s")
+        try:
+            where = json.loads(marker.read_text())
+            break
+        except (FileNotFoundError, json.JSONDecodeError):  # not there yet, or being written
+            time.sleep(0.2)
+    worker = next(w for w in cluster.live_workers() if where["pid"] in descendants(w.pid))
+    return Kill(where["task_attempt_id"], worker, cluster.kill_worker(worker))
 
 
 def check_the_scan_lost_tasks_and_recovered(cluster: StandaloneCluster, events_dir: Path, kill: Kill) -> None:
-    """From the app's event log: tasks of the scan died with the killed executor mid-job, the
+    """From the app's event log: the paused scan task died with its executor mid-job, the
     executor was removed, each lost partition succeeded later elsewhere, every job succeeded."""
     events = read_event_log(events_dir)
     scan_stages = stages_with_operator(events, SCAN_OPERATOR)
     lost = lost_tasks(events, scan_stages)
-    assert lost, f"no {SCAN_OPERATOR} task was lost: the kill did not happen mid-scan"
-    assert {e["Task Info"]["Executor ID"] for e in lost} == {kill.executor_id}
-    assert any(e["Event"] == "SparkListenerExecutorRemoved" and e["Executor ID"] == kill.executor_id
-               for e in events)
+    paused = [e for e in lost if e["Task Info"]["Task ID"] == kill.task_attempt_id]
+    assert paused, f"the paused {SCAN_OPERATOR} task {kill.task_attempt_id} is not among the lost ones: {lost}"
+    executor_id = paused[0]["Task Info"]["Executor ID"]
+    assert {e["Task Info"]["Executor ID"] for e in lost} == {executor_id}
+    assert any(e["Event"] == "SparkListenerExecutorRemoved" and e["Executor ID"] == executor_id for e in events)
     done = {(e["Stage ID"], e["Task Info"]["Index"]) for e in events if e["Event"] == "SparkListenerTaskEnd"
-            and e["Task End Reason"]["Reason"] == "Success" and e["Task Info"]["Executor ID"] != kill.executor_id}
+            and e["Task End Reason"]["Reason"] == "Success" and e["Task Info"]["Executor ID"] != executor_id}
     assert {(e["Stage ID"], e["Task Info"]["Index"]) for e in lost} <= done
     results = [e["Job Result"]["Result"] for e in events if e["Event"] == "SparkListenerJobEnd"]
     assert results and set(results) == {"JobSucceeded"}
@@ -271,12 +272,14 @@ def check_the_scan_lost_tasks_and_recovered(cluster: StandaloneCluster, events_d
 def run_losing_a_worker(cluster: StandaloneCluster, job: str, overrides: list[str], code_zip: Path,
                         folder: Path) -> str:
     cluster.ensure_workers(2)  # a previous test may have killed one
-    events_dir = folder / "events"
+    events_dir, pause_dir = folder / "events", folder / "pause"
     events_dir.mkdir()
+    pause_dir.mkdir()
     submission = submit(cluster, job, overrides, code_zip, folder / f"{job}.log",
-                        {**EVENT_LOG_CONF, "spark.eventLog.dir": events_dir.as_uri(), **SLOW_SCAN})
+                        {**EVENT_LOG_CONF, "spark.eventLog.dir": events_dir.as_uri(), **SPLIT_SCAN,
+                         "spark.executorEnv.AUDIOHASH_FAULT": f"scan.task:pause:{pause_dir}"})
     try:
-        kill = kill_a_worker_while_scanning(cluster, submission)
+        kill = kill_a_worker_while_scanning(cluster, submission, pause_dir)
     except BaseException:
         submission.stop()
         raise

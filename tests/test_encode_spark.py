@@ -193,15 +193,14 @@ def test_appended_clips_are_encoded_alone_bad_ones_rejected_and_files_compacted(
     assert "nothing changed" in encode(cfg, capsys)
 
 
-def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark, lake, capsys, caplog):
+def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark, lake, capsys):
     """An appended row whose clip already has a code replaces that code (MERGE; the code files the
     tasks wrote while the known clips were counted are deleted, not committed); the known-clip
     count is the same whether the tasks read the code files or Spark's reader does; a clip twice
     in the appended files stops the run, naming it."""
-    import json
-    import logging
-
-    from audiohash.spark.encode import count_coded
+    from audiohash import delta_tables
+    from audiohash.spark.code_writer import count_coded
+    from audiohash.spark.encode import EncodeParams, encode_codes
     from audiohash.tracking import load_registered_bundle
 
     cfg = config(lake, "model.version=1")
@@ -212,17 +211,14 @@ def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark
     again["embedding"] = again["embedding"].map(lambda v: [2 * f + 1 for f in v])
     write_embeddings(spark, lake / "embeddings", pd.concat([again, synthetic(3, 9, "fresh")], ignore_index=True))
 
-    with caplog.at_level(logging.INFO):
-        out = encode(cfg, capsys)
-    assert "encode (append: 1 file(s) appended" in out and "5 clips encoded" in out
-    assert re.search(r"\d+ files written, not committed \(commit_if said no\): deleted", caplog.text)
-    assert "2 appended clips already have a code: MERGE" in caplog.text
+    summary = encode_codes(spark, load_registered_bundle(cfg, "1"), EncodeParams.from_config(cfg))
+    assert (summary.mode, summary.encoded, summary.files_read) == ("append", 5, 1)
+    assert summary.files_written is None  # the tasks' files were vetoed: 2 clips had codes, a MERGE wrote
     codes = codes_of(spark, cfg)
     assert codes.index.is_unique and len(codes) == N_DB + 3
-    logged = {json.loads(line)["add"]["path"] for commit in sorted(Path(codes_table, "_delta_log").glob("*.json"))
-              for line in commit.read_text().splitlines() if '"add"' in line}
-    on_disk = {str(f.relative_to(codes_table)) for f in Path(codes_table).rglob("*.parquet")}
-    assert on_disk == logged  # no file of the vetoed blind append is left behind
+    committed = {f for v in range(summary.codes_version + 1) for f in delta_tables.table_state(codes_table, v).files}
+    on_disk = {f"file:{f}" for f in Path(codes_table).rglob("*.parquet")}
+    assert on_disk == committed  # no file of the vetoed blind append is left behind
     quantizer = load_registered_bundle(cfg, "1").quantizer
     replaced = quantizer.encode(np.stack(again["embedding"].to_numpy()).astype(np.float32))
     assert [bytes(c) for c in codes.loc[["db-00001", "db-00002"], "code"]] == [bytes(c) for c in replaced]
@@ -236,19 +232,18 @@ def test_appended_clips_with_codes_replace_them_and_duplicates_are_refused(spark
         run_job_main("encode", cfg)
 
 
-def test_a_code_table_the_task_writer_does_not_make_is_written_by_spark(spark, lake, capsys, caplog):
+def test_a_code_table_the_task_writer_does_not_make_is_written_by_spark(spark, lake):
     """Tasks write code files only into a table of the protocol, schema and layout they make; a code
     table with deletion vectors enabled (another protocol) is reindexed through Spark's writer."""
-    import logging
+    from audiohash.spark.encode import EncodeParams, encode_codes
+    from audiohash.tracking import load_registered_bundle
 
     cfg = config(lake, "model.version=1", "encode.mode=full")
     codes_table = cfg.lake.table("codes")
     spark.sql(f"ALTER TABLE delta.`{codes_table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = true)")
     before = version_of(spark, codes_table)
-    with caplog.at_level(logging.INFO, logger="audiohash.encode"):
-        out = encode(cfg, capsys)
-    assert "encode (full: encode.mode=full): 2400 clips encoded" in out
-    assert "written through Spark's Delta writer" in caplog.text and "code files written by" not in caplog.text
+    summary = encode_codes(spark, load_registered_bundle(cfg, "1"), EncodeParams.from_config(cfg))
+    assert (summary.mode, summary.encoded, summary.files_read, summary.files_written) == ("full", 2400, 4, None)
     assert version_of(spark, codes_table) == before + 1
     assert_codes_match(codes_of(spark, cfg), expected_codes(spark, cfg, 1), 1)
 
@@ -294,7 +289,7 @@ def test_model_switch_reindexes_in_one_commit_and_rolls_back(spark, lake, capsys
 def test_a_model_trained_on_another_extractor_is_refused(spark, lake, capsys):
     from audiohash.bundle import ModelBundle
     from audiohash.quantizers import make_quantizer
-    from audiohash.spark.encode import encode_codes
+    from audiohash.spark.encode import EncodeParams, encode_codes
     from audiohash.tracking import job_run, load_registered_bundle, log_and_register_bundle
 
     cfg = config(lake, "model.version=3")
@@ -309,8 +304,8 @@ def test_a_model_trained_on_another_extractor_is_refused(spark, lake, capsys):
         encode(cfg, capsys)
     for direct_read in (True, False):  # the tasks' file read and Spark's reader check alike
         with pytest.raises(AudiohashError, match=refusal):
-            encode_codes(spark, load_registered_bundle(cfg, "3"), cfg.lake.table("embeddings"), codes,
-                         cfg.lake.table("rejects"), N_SHARDS, ["db"], "full", direct_read=direct_read)
+            encode_codes(spark, load_registered_bundle(cfg, "3"),
+                         EncodeParams.from_config(cfg, mode="full", direct_read=direct_read))
     assert version_of(spark, codes) == before
 
 
@@ -388,12 +383,10 @@ def test_the_loser_of_two_concurrent_encodes_is_told_and_leaves_no_file(spark, l
     assert_codes_match(codes_of(spark, cfg2), expected_codes(spark, cfg2, 1), 1)
 
 
-def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplog):
+def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake):
     """The direct read (tasks read the Parquet files) and Spark's Delta reader give the same code
-    rows, shards and fingerprints; the log says which one ran."""
-    import logging
-
-    from audiohash.spark.encode import encode_codes
+    rows, shards and fingerprints; the run's summary says which one ran."""
+    from audiohash.spark.encode import EncodeParams, encode_codes
     from audiohash.tracking import load_registered_bundle
 
     cfg = config(lake, "model.version=1")
@@ -401,23 +394,21 @@ def test_files_read_by_tasks_and_rows_from_spark_encode_alike(spark, lake, caplo
     tables = {}
     for direct_read in (True, False):
         codes = str(lake / f"codes-direct-{direct_read}")
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="audiohash.encode"):
-            summary = encode_codes(spark, bundle, cfg.lake.table("embeddings"), codes, cfg.lake.table("rejects"),
-                                   N_SHARDS, ["db"], "full", direct_read=direct_read)
-        assert ("files in" in caplog.text) == direct_read  # this local Delta table is plain Parquet
-        assert summary.encoded == N_DB
+        summary = encode_codes(spark, bundle, EncodeParams.from_config(cfg, codes_table=codes, mode="full",
+                                                                       direct_read=direct_read))
+        # This local Delta table is plain Parquet: the tasks read its 4 files themselves.
+        assert summary.files_read == (4 if direct_read else None) and summary.encoded == N_DB
         # Tasks that read the files write theirs (one per shard each); Spark's writer one per shard.
         n_files = len(spark.read.format("delta").load(codes).inputFiles())
         assert n_files == (2 * N_SHARDS if direct_read else N_SHARDS)
-        assert ("code files written by 2 tasks" in caplog.text) == direct_read
+        assert summary.files_written == (2 * N_SHARDS if direct_read else None)
         tables[direct_read] = (spark.read.format("delta").load(codes)
                                .select("clip_id", "shard", "code", "label", "source_hash").toPandas()
                                .set_index("clip_id").sort_index())
     pd.testing.assert_frame_equal(tables[True], tables[False])
     # No split named: every row, and the tasks do not read the split column.
-    every = encode_codes(spark, bundle, cfg.lake.table("embeddings"), str(lake / "codes-every-split"),
-                         cfg.lake.table("rejects"), N_SHARDS, [], "full")
+    every = encode_codes(spark, bundle, EncodeParams.from_config(cfg, codes_table=str(lake / "codes-every-split"),
+                                                                 splits=(), mode="full"))
     assert every.encoded == N_DB + N_QUERY
     assert tables[True]["source_hash"].is_unique
     assert_codes_match(tables[True].assign(model_version=1, model_name="audiohash-pq-32b"),

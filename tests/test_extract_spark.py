@@ -75,11 +75,11 @@ def by_file(emb: pd.DataFrame, rej: pd.DataFrame) -> dict:
 
 
 def test_corrupted_inputs_every_file_accounted_for(spark, corrupt_set, tmp_path, capsys):
-    from audiohash.spark.extract import extract_embeddings
+    from audiohash.spark.extract import ExtractParams, extract_embeddings
 
     manifest, expect = corrupt_set
-    summary = extract_embeddings(spark, str(manifest), str(tmp_path / "emb"), str(tmp_path / "rej"), "logmel",
-                                 {"window_s": 2.0}, windows_per_call=3)
+    summary = extract_embeddings(spark, ExtractParams(str(manifest), str(tmp_path / "emb"), str(tmp_path / "rej"),
+                                                      "logmel", {"window_s": 2.0}, windows_per_call=3))
     emb, rej = read(spark, tmp_path / "emb"), read(spark, tmp_path / "rej")
     assert by_file(emb, rej) == expect
     assert rej["stage"].eq("extract").all() and rej["path"].str.startswith("file:/").all()
@@ -108,12 +108,13 @@ def test_corrupted_inputs_every_file_accounted_for(spark, corrupt_set, tmp_path,
 @pytest.mark.slow
 def test_bytes_through_binaryfile_give_the_same_tables(spark, corrupt_set, tmp_path):
     """The path every non-local filesystem takes (listing and bytes through Spark), on local files."""
-    from audiohash.spark.extract import extract_embeddings
+    from audiohash.spark.extract import ExtractParams, extract_embeddings
 
     manifest, expect = corrupt_set
-    local = extract_embeddings(spark, str(manifest), str(tmp_path / "a"), str(tmp_path / "ar"), "logmel", {})
-    through_spark = extract_embeddings(spark, str(manifest), str(tmp_path / "b"), str(tmp_path / "br"), "logmel", {},
-                                       spark_io=True)
+    local = extract_embeddings(spark, ExtractParams(str(manifest), str(tmp_path / "a"), str(tmp_path / "ar"),
+                                                    "logmel"))
+    through_spark = extract_embeddings(spark, ExtractParams(str(manifest), str(tmp_path / "b"), str(tmp_path / "br"),
+                                                            "logmel", spark_io=True))
     assert (through_spark.embedded_rows, through_spark.reasons) == (local.embedded_rows, local.reasons)
     a, b = read(spark, tmp_path / "a").set_index("clip_id"), read(spark, tmp_path / "b").set_index("clip_id")
     assert sorted(a.index) == sorted(b.index)
@@ -123,7 +124,7 @@ def test_bytes_through_binaryfile_give_the_same_tables(spark, corrupt_set, tmp_p
 
 @pytest.mark.slow
 def test_rerun_skips_embedded_files_unread_and_keeps_one_place_per_file(spark, small_manifest, tmp_path):
-    from audiohash.spark.extract import extract_embeddings
+    from audiohash.spark.extract import ExtractParams, extract_embeddings
     from audiohash.spark.tables import table_version
 
     d = tmp_path / "audio"
@@ -136,7 +137,8 @@ def test_rerun_skips_embedded_files_unread_and_keeps_one_place_per_file(spark, s
     emb, rej = str(tmp_path / "emb"), str(tmp_path / "rej")
 
     def run(**kw):
-        return extract_embeddings(spark, str(d / "m.csv"), emb, rej, "logmel", {"window_s": 2.0, **kw})
+        params = {"window_s": 2.0, **kw}
+        return extract_embeddings(spark, ExtractParams(str(d / "m.csv"), emb, rej, "logmel", params))
 
     first = run()
     assert (first.embedded_files, first.rejected_files, first.mode, first.embeddings_version) == (3, 1, "overwrite", 0)

@@ -95,14 +95,14 @@ def test_runs_and_metrics_are_in_mlflow(pipeline):
 def test_query_batches_give_the_same_ranking(spark, pipeline):
     from audiohash.arrow_arrays import code_matrix
     from audiohash.ranking import ranking_mismatch
-    from audiohash.spark.query import search_codes
+    from audiohash.spark.query import ScanParams, search_codes
     from audiohash.spark.tables import read_embeddings
     from audiohash.tracking import load_registered_bundle
 
     bundle = load_registered_bundle(pipeline)
     _, _, xq, _ = read_embeddings(spark, pipeline.lake.table("embeddings"), ["query"])
-    D_one, ids_one, v_one = search_codes(spark, bundle, pipeline.lake.table("codes"), xq, 15, 1000)
-    D_many, ids_many, v_many = search_codes(spark, bundle, pipeline.lake.table("codes"), xq, 15, 7)
+    D_one, ids_one, v_one = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 1000))
+    D_many, ids_many, v_many = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 7))
     assert v_one == v_many
     # In-process reference: the same quantizer's faiss scan over all the codes, ranked by (distance, clip_id).
     codes = read(spark, pipeline, "codes").select("clip_id", "code").orderBy("clip_id").toArrow()

@@ -44,7 +44,7 @@ def encoded(request, spark, tmp_path_factory):
 def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_read, caplog):
     from audiohash.arrow_arrays import code_matrix
     from audiohash.ranking import ranking_mismatch
-    from audiohash.spark.query import search_codes
+    from audiohash.spark.query import ScanParams, search_codes
     from audiohash.tracking import load_registered_bundle
 
     cfg, xq = encoded
@@ -60,7 +60,7 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_r
     assert any(len(np.unique(d)) < len(d) for d in D_ref), "no equal distances: tie-breaking not exercised"
     for query_batch in (1000, 7):  # one batch, and 15 batches
         with caplog.at_level(logging.INFO, logger="audiohash.query"):
-            D, got, _ = search_codes(spark, bundle, table, xq, K, query_batch, direct_read=direct_read)
+            D, got, _ = search_codes(spark, bundle, xq, ScanParams(table, K, query_batch, direct_read=direct_read))
         assert ("files read by" in caplog.text) == direct_read  # this local Delta table is plain Parquet
         assert ranking_mismatch(D, got, D_ref, ids_ref, complete=True) is None
         tied = D[:, 1:] == D[:, :-1]
@@ -71,7 +71,7 @@ def test_queries_of_another_extractor_are_refused_before_anything_is_written(spa
     import dataclasses
 
     from audiohash.errors import AudiohashError
-    from audiohash.spark.query import query_and_evaluate
+    from audiohash.spark.query import QueryParams, query_and_evaluate
     from audiohash.tracking import load_registered_bundle
 
     cfg, _ = encoded
@@ -80,18 +80,18 @@ def test_queries_of_another_extractor_are_refused_before_anything_is_written(spa
     results = tmp_path / "results"
     with pytest.raises(AudiohashError, match=r"holds embeddings of extractor test-v1, but model audiohash-\w+-\d+b "
                                              r"v1 was trained on timbre-v0-other"):
-        query_and_evaluate(spark, other, cfg.lake.table("embeddings"), cfg.lake.table("codes"), str(results), "run",
-                           "query", ["db"], K, 1000, 1024, 10, True, False)
+        query_and_evaluate(spark, other, QueryParams.from_config(cfg, results_table=str(results), top_r=K,
+                                                                 results_r=10, float_reference=False))
     assert not results.exists()
 
 
 def test_a_code_table_without_encode_lineage_is_refused(spark, encoded, tmp_path):
     from audiohash.errors import AudiohashError
-    from audiohash.spark.query import search_codes
+    from audiohash.spark.query import ScanParams, search_codes
     from audiohash.tracking import load_registered_bundle
 
     cfg, xq = encoded
     copy = str(tmp_path / "copied-codes")  # the same rows, written by something else than encode
     spark.read.format("delta").load(cfg.lake.table("codes")).write.format("delta").save(copy)
     with pytest.raises(AudiohashError, match=r"copied-codes \(version 0\) was not written by jobs/encode.py"):
-        search_codes(spark, load_registered_bundle(cfg), copy, xq, K, 1000)
+        search_codes(spark, load_registered_bundle(cfg), xq, ScanParams(copy, K, 1000))

@@ -34,6 +34,7 @@ one `apt-get update` when apt does not know the pinned version yet.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -99,33 +100,15 @@ def _apt(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def fetch_deb(package: str, version: str) -> Path:
     """The package's .deb at exactly this version, from the cache or `apt-get download`.
 
-    Checks only that dpkg-deb reads it and that it is that package and version."""
+    Checks only that dpkg-deb reads it and that it is that package and version. Processes sharing
+    the cache (parallel test workers, two builds) download one at a time: apt's own lock would
+    fail the second `apt-get update` rather than wait."""
     cache = deb_cache()
     cache.mkdir(parents=True, exist_ok=True)
     pattern = f"{package}_{version.replace(':', '%3a')}_*.deb"   # how apt names the file
-    found = sorted(cache.glob(pattern))
-    if not found:
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))   # no half file under the real name
-        try:
-            cmd = ["apt-get", "download", f"{package}={version}"]
-            r = _apt(cmd, tmp)
-            if r.returncode != 0 and re.search(r"Unable to locate|Can't find a source|not found", r.stderr):
-                log.info("apt does not know %s=%s yet: running apt-get update once", package, version)
-                update = ["apt-get", "update"] if os.geteuid() == 0 else ["sudo", "-n", "apt-get", "update"]
-                u = _apt(update, tmp)
-                if u.returncode != 0:
-                    raise AudiohashError(f"`{' '.join(update)}` failed (it needs root): {u.stderr.strip()[-300:]}")
-                r = _apt(cmd, tmp)
-            if r.returncode != 0:
-                raise AudiohashError(f"`{' '.join(cmd)}` failed: {r.stderr.strip()[-300:]}; the dataset pins "
-                                     f"this version: put its .deb in {cache} ({DEB_CACHE_ENV}) by hand")
-            for f in tmp.glob(pattern):
-                os.replace(f, cache / f.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        found = sorted(cache.glob(pattern))
-        if not found:
-            raise AudiohashError(f"apt-get download {package}={version} left no {pattern} in {cache}")
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = sorted(cache.glob(pattern)) or _download(package, version, cache, pattern)
     deb = found[0]
     r = _apt(["dpkg-deb", "--field", str(deb), "Package", "Version"], cache)
     fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
@@ -133,6 +116,31 @@ def fetch_deb(package: str, version: str) -> Path:
         raise AudiohashError(f"{deb} is not a readable .deb of {package} {version} "
                              f"({r.stderr.strip() or fields}); delete it and build again")
     return deb
+
+
+def _download(package: str, version: str, cache: Path, pattern: str) -> list[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))   # no half file under the real name
+    try:
+        cmd = ["apt-get", "download", f"{package}={version}"]
+        r = _apt(cmd, tmp)
+        if r.returncode != 0 and re.search(r"Unable to locate|Can't find a source|not found", r.stderr):
+            log.info("apt does not know %s=%s yet: running apt-get update once", package, version)
+            update = ["apt-get", "update"] if os.geteuid() == 0 else ["sudo", "-n", "apt-get", "update"]
+            u = _apt(update, tmp)
+            if u.returncode != 0:
+                raise AudiohashError(f"`{' '.join(update)}` failed (it needs root): {u.stderr.strip()[-300:]}")
+            r = _apt(cmd, tmp)
+        if r.returncode != 0:
+            raise AudiohashError(f"`{' '.join(cmd)}` failed: {r.stderr.strip()[-300:]}; the dataset pins "
+                                 f"this version: put its .deb in {cache} ({DEB_CACHE_ENV}) by hand")
+        for f in tmp.glob(pattern):
+            os.replace(f, cache / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = sorted(cache.glob(pattern))
+    if not found:
+        raise AudiohashError(f"apt-get download {package}={version} left no {pattern} in {cache}")
+    return found
 
 
 def read_members(deb: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:

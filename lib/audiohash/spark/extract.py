@@ -32,23 +32,23 @@ in exactly one of the two tables; nothing is visible before its table's commit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
+from audiohash.config import ExtractSettings
 from audiohash.errors import AudiohashError
-from audiohash.extraction import (AUDIO_SUFFIXES, INPUT_COLUMNS, balanced_order, base_clip_ids, embed_files,
-                                  folder_inputs, hadoop_path, manifest_inputs, plan_extract)
+from audiohash.extraction import INPUT_COLUMNS, balanced_order, embed_files, plan_extract
 from audiohash.schemas import EMBEDDINGS_DDL, EXTRACT_OUTPUT_DDL, REJECTS_DDL, column_names
+from audiohash.spark.extract_inputs import embedded_files, is_local, listing_conf, read_inputs
 from audiohash.spark.tables import (append_delta, overwrite_delta, session_conf, set_worker_threads, table_exists,
                                     table_version)
 
@@ -58,7 +58,6 @@ MAX_FILE_BYTES = 2**31 - 1  # spark.sql.sources.binaryFile.maxLength: a larger f
 MAX_ARROW_BATCH_BYTES = 64 << 20  # bounds a worker batch of long files, beside extract.batch_size
 FILES_PER_TASK = 2000  # at most, for local files; fewer tasks start fewer Arrow streams
 MAX_TASK_BYTES = 128 << 20  # at most, for binaryFile reads (Spark's maxPartitionBytes default)
-MAX_STATUS_LOOKUPS = 10_000  # manifest files Spark's listing missed, looked up one by one
 INPUT_DDL = "clip_id string, path string, label string, split string, source string"
 EMBEDDING_COLUMNS = column_names(EMBEDDINGS_DDL)
 REJECT_COLUMNS = column_names(REJECTS_DDL)
@@ -109,164 +108,6 @@ class _Stages:
         log.info(line)
 
 
-# ---- plan: inputs, listing, what is already embedded ---------------------------------------
-def _is_local(path: str) -> bool:
-    return path.startswith("file:")
-
-
-def _listing_conf(spark: SparkSession) -> dict[str, str]:
-    # Spark lists more than 32 root paths with a job of one task per path (up to 10,000):
-    # thousands of tiny tasks for a list of files. Two tasks per core list them as fast.
-    return {"spark.sql.sources.parallelPartitionDiscovery.parallelism": str(2 * spark.sparkContext.defaultParallelism)}
-
-
-def suffix_glob(suffixes) -> str | None:
-    """A case-insensitive Hadoop glob on file names with these suffixes (``*.{[wW][aA][vV],...}``);
-    None when some suffix is empty (list every file)."""
-    suffixes = sorted({s.lower() for s in suffixes})
-    if not suffixes or any(not s.startswith(".") or len(s) < 2 for s in suffixes):
-        return None
-    classes = ["".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in s[1:]) for s in suffixes]
-    return "*.{" + ",".join(classes) + "}"
-
-
-def _exists(spark: SparkSession, path: str) -> bool:
-    if _is_local(path):
-        return os.path.exists(path[len("file:"):])
-    return _file_info(path) is not None
-
-
-def _file_info(path: str):
-    """pyarrow's FileInfo of a path on other storage (s3://, gs://, hdfs://, ...), None where it does
-    not exist or pyarrow has no filesystem for it (Spark's reader then reports what it finds)."""
-    from pyarrow import fs
-
-    try:
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        info = filesystem.get_file_info(inner)
-    except (OSError, ValueError, pa.ArrowException):
-        return None
-    return None if info.type == fs.FileType.NotFound else info
-
-
-def _local_sizes(paths) -> pd.DataFrame:
-    """path, length of the given local files that exist (one stat each, on the driver)."""
-    rows = []
-    for p in paths:
-        try:
-            st = os.stat(p[len("file:"):])
-        except OSError:
-            continue
-        if not os.path.isdir(p[len("file:"):]):
-            rows.append((p, st.st_size))
-    return pd.DataFrame(rows, columns=["path", "length"]).astype({"length": "int64"})
-
-
-def _local_tree(root: str) -> list[str]:
-    """Files under a local folder, skipping names Spark's listing hides (``.*``, ``_*``)."""
-    out = []
-    for folder, dirs, names in os.walk(root[len("file:"):]):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
-        out += ["file:" + os.path.join(folder, n) for n in sorted(names) if not n.startswith((".", "_"))]
-    return out
-
-
-def list_with_spark(spark: SparkSession, folders: list[str], glob: str | None) -> tuple[DataFrame | None, pd.DataFrame]:
-    """List the files under ``folders`` (recursively, names matching ``glob``) through Spark's
-    binaryFile source, reading no bytes. Returns the relation (reused to read the bytes when
-    every listed file is to be embedded, so nothing is listed twice) and path, length."""
-    folders = sorted(set(folders))
-    folders = [f for f in folders if not any(f.startswith(g.rstrip("/") + "/") for g in folders)]  # no nesting
-    folders = [f for f in folders if _exists(spark, f)]  # a missing folder's files become 'missing'
-    if not folders:
-        return None, pd.DataFrame({"path": pd.Series(dtype=object), "length": pd.Series(dtype="int64")})
-    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-    if glob:
-        reader = reader.option("pathGlobFilter", glob)
-    with session_conf(spark, _listing_conf(spark)):
-        relation = reader.load(folders)
-        listed = relation.select("path", "length").toPandas()
-    return relation, listed
-
-
-def read_inputs(spark: SparkSession, source: str, spark_io: bool) -> tuple[pd.DataFrame, DataFrame | None, pd.DataFrame]:
-    """The input files of a manifest or a folder tree and their sizes: (inputs, binaryFile
-    relation of the listing or None, listed path/length).
-
-    spark_io: list (and later read) local files through Spark too, as any other filesystem.
-    """
-    location = hadoop_path(source)
-    if not _exists(spark, location):
-        raise AudiohashError(f"extract input {source!r} does not exist (give a manifest .csv/.parquet or a folder)")
-    suffix = os.path.splitext(location)[1].lower()
-    is_folder = os.path.isdir(location[len("file:"):]) if _is_local(location) else not suffix
-    if is_folder:
-        if _is_local(location) and not spark_io:
-            inputs = folder_inputs(_local_tree(location), location)
-            return inputs, None, _local_sizes(inputs["path"])
-        relation, listed = list_with_spark(spark, [location], suffix_glob(AUDIO_SUFFIXES))
-        return folder_inputs(listed["path"], location), relation, listed
-    if suffix not in (".csv", ".parquet", ".pq"):
-        raise AudiohashError(f"extract input {source!r}: expected a .csv or .parquet manifest or a folder")
-    inputs = manifest_inputs(_read_manifest_table(spark, location, suffix), location)
-    local = inputs["path"].map(_is_local)
-    if local.all() and not spark_io:
-        return inputs, None, _local_sizes(inputs["path"])
-    folders = sorted({p.rsplit("/", 1)[0] for p in inputs["path"]})
-    relation, listed = list_with_spark(spark, folders, suffix_glob({os.path.splitext(p)[1] for p in inputs["path"]}))
-    # Spark's file listing leaves out zero-byte and hidden (``.*``, ``_*``) files: look those up
-    # one by one, so they are rejected as 'empty' or read, not misreported as 'missing'.
-    unlisted = inputs.loc[~inputs["path"].isin(set(listed["path"])), "path"].tolist()
-    found = [(p, n) for p in unlisted[:MAX_STATUS_LOOKUPS] if (n := _file_length(spark, p)) is not None]
-    if found:
-        listed = pd.concat([listed, pd.DataFrame(found, columns=["path", "length"])], ignore_index=True)
-    return inputs, relation, listed
-
-
-def _file_length(spark: SparkSession, path: str) -> int | None:
-    """Size of one file on other storage; None if it does not exist, is a folder, or pyarrow has no
-    filesystem for it."""
-    from pyarrow import fs
-
-    info = _file_info(path)
-    return None if info is None or info.type != fs.FileType.File else int(info.size)
-
-
-def _read_manifest_table(spark: SparkSession | None, location: str, suffix: str) -> pd.DataFrame:
-    """A local manifest through pandas (no Spark job); a remote one through Spark's readers."""
-    try:
-        if _is_local(location):
-            local = location[len("file:"):]
-            if suffix == ".csv":
-                return pd.read_csv(local, dtype=str, keep_default_na=False)
-            return pd.read_parquet(local)
-        if suffix == ".csv":
-            return spark.read.option("header", "true").csv(location).toPandas()
-        return spark.read.parquet(location).toPandas()
-    except (OSError, ValueError) as exc:
-        raise AudiohashError(f"manifest {location}: cannot read it: {exc}") from exc
-
-
-def read_manifest(manifest: str) -> pd.DataFrame:
-    """A local manifest file -> input files (``extraction.INPUT_COLUMNS``)."""
-    location = hadoop_path(manifest)
-    suffix = os.path.splitext(location)[1].lower()
-    if suffix not in (".csv", ".parquet", ".pq"):
-        raise AudiohashError(f"manifest {manifest!r}: expected a .csv or .parquet file")
-    return manifest_inputs(_read_manifest_table(None, location, suffix), location)
-
-
-def embedded_files(spark: SparkSession, table: str, extractor_version: str) -> pd.DataFrame:
-    """path, clip_id (the file's, not a window's) of the files ``table`` holds for this
-    extractor version; empty when there is no table or it holds another extractor's vectors."""
-    if not table_exists(spark, table):
-        return pd.DataFrame({"path": pd.Series(dtype=object), "clip_id": pd.Series(dtype=object)})
-    rows = (spark.read.format("delta").load(table)
-            .filter(F.col("extractor_version") == extractor_version).select("path", "clip_id").toPandas())
-    ids = base_clip_ids(rows["clip_id"], rows["path"])
-    return pd.DataFrame({"path": ids.index.to_numpy(dtype=object), "clip_id": ids.to_numpy(dtype=object)})
-
-
 # ---- embed ----------------------------------------------------------------------------------
 def _local_files(spark: SparkSession, todo: pd.DataFrame) -> tuple[DataFrame, dict]:
     """Local files to embed: a driver-side table of paths and metadata; the workers read the bytes.
@@ -298,7 +139,7 @@ def _spark_files(spark: SparkSession, relation: DataFrame | None, listed: pd.Dat
         # of failing the job; the accounting in _embed_and_commit names it.
         "spark.sql.files.ignoreMissingFiles": "true",
         "spark.sql.files.ignoreCorruptFiles": "true",
-        **_listing_conf(spark),
+        **listing_conf(spark),
     }
     if relation is None or len(todo) != len(listed) or set(todo["path"]) != set(listed["path"]):
         with session_conf(spark, conf):  # only the files to embed: skipped files' bytes stay unread
@@ -386,25 +227,48 @@ def _write_rejects(spark: SparkSession, rejects: pd.DataFrame, input_paths: pd.S
     return f"{len(frame)} rejects merged into {table}, version {table_version(spark, table)}"
 
 
-def extract_embeddings(spark: SparkSession, source: str, embeddings_table: str, rejects_table: str,
-                       extractor_name: str, extractor_params: dict, max_windows: int = 0, batch_size: int = 256,
-                       windows_per_call: int = 4, spark_io: bool = False) -> ExtractSummary:
-    """Embed the files of ``source`` (a manifest or a folder of class sub-folders) not yet
-    embedded by this extractor; commit the embeddings table once and the rejects table once.
+@dataclass(frozen=True)
+class ExtractParams:
+    """What an extract run reads and writes, and how; defaults are ``config.ExtractSettings``'s.
 
-    extractor_name / extractor_params: as ``features.get_extractor``. max_windows: windows kept
-    per long file (0 = all). batch_size: files per Arrow batch handed to the worker.
-    windows_per_call: windows per extractor call. spark_io: list and read local files through
-    Spark's binaryFile source too (other filesystems always are).
-    Returns counts, per-stage summary lines and the committed embeddings table version.
-    """
+    source: a manifest (.csv/.parquet) or a folder of class sub-folders. extractor_name /
+    extractor_params: as ``features.get_extractor``. max_windows: windows kept per long file
+    (0 = all). batch_size: files per Arrow batch handed to the worker. windows_per_call: windows
+    per extractor call. spark_io: list and read local files through Spark's binaryFile source too
+    (other filesystems always are)."""
+
+    source: str
+    embeddings_table: str
+    rejects_table: str
+    extractor_name: str = ExtractSettings.extractor
+    extractor_params: dict = field(default_factory=dict)
+    max_windows: int = ExtractSettings.max_windows
+    batch_size: int = ExtractSettings.batch_size
+    windows_per_call: int = ExtractSettings.windows_per_call
+    spark_io: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, **changes) -> "ExtractParams":
+        settings = cfg.extract
+        params = cls(cfg.extract_input, cfg.lake.table("embeddings"), cfg.lake.table("rejects"), settings.extractor,
+                     settings.extractor_params(), settings.max_windows, settings.batch_size,
+                     settings.windows_per_call)
+        return dataclasses.replace(params, **changes)
+
+
+def extract_embeddings(spark: SparkSession, params: ExtractParams) -> ExtractSummary:
+    """Embed the files of ``params.source`` not yet embedded by this extractor; commit the
+    embeddings table once and the rejects table once. Returns counts, per-stage summary lines and
+    the committed embeddings table version."""
+    source, embeddings_table, rejects_table = params.source, params.embeddings_table, params.rejects_table
+    extractor_name, extractor_params = params.extractor_name, params.extractor_params
     from audiohash.features import get_extractor
 
     extractor = get_extractor(extractor_name, **extractor_params)  # fail fast: bad name, bad model file
     stages, run_at = _Stages(), dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
     with stages.stage(spark, "plan") as info:
-        inputs, relation, listed = read_inputs(spark, source, spark_io)
+        inputs, relation, listed = read_inputs(spark, source, params.spark_io)
         embedded = embedded_files(spark, embeddings_table, extractor.version)
         todo, plan_rejects, n_skipped = plan_extract(inputs, listed, embedded, MAX_FILE_BYTES)
         mode = "none" if todo.empty else ("append" if len(embedded) else "overwrite")
@@ -414,11 +278,11 @@ def extract_embeddings(spark: SparkSession, source: str, embeddings_table: str, 
     version, n_rows, n_embedded, worker_rejects = None, 0, 0, plan_rejects.iloc[:0]
     if not todo.empty:
         with stages.stage(spark, "embed") as info:
-            use_spark = spark_io or not todo["path"].map(_is_local).all()
+            use_spark = params.spark_io or not todo["path"].map(is_local).all()
             files, conf = _spark_files(spark, relation, listed, todo) if use_spark else _local_files(spark, todo)
             version, n_rows, n_embedded, worker_rejects = _embed_and_commit(
                 spark, files, conf, todo, embeddings_table, extractor_name, extractor_params, extractor, mode,
-                max_windows, batch_size, windows_per_call, run_at)
+                params.max_windows, params.batch_size, params.windows_per_call, run_at)
             info["clips"] = n_rows
             info["text"] = (f"{len(todo)} files -> {n_embedded} embedded ({n_rows} rows), "
                             f"{len(worker_rejects)} rejected; embeddings table version {version} ({mode})")

@@ -7,6 +7,7 @@ times less to ship than the tables themselves).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,13 +16,15 @@ import numpy as np
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
-from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash import faults
+from audiohash.bundle import ModelBundle, bundle_to_bytes
+from audiohash.config import QuerySettings
 from audiohash.errors import AudiohashError
 from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
-from audiohash.spark.encode import code_table_state, refuse_other_extractor
+from audiohash.spark.code_table import code_table_state
+from audiohash.spark.embedding_reader import refuse_other_extractor
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, session_conf,
                                     set_worker_threads, table_state)
@@ -33,14 +36,25 @@ log = logging.getLogger("audiohash.query")
 SCAN_BATCH_ROWS = 131072
 
 
-def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, queries: np.ndarray, k: int,
-                 query_batch: int, memory_budget_mb: int = 1024,
-                 stats: list[PartitionStat] | None = None,
-                 direct_read: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+@dataclass(frozen=True)
+class ScanParams:
+    """One search over a code table: ``k`` ranks per query (larger than the table = all), queries
+    per scan (``query_batch``; fewer where ``memory_budget_mb`` of driver memory for one batch's
+    candidates and tables asks), ``direct_read`` False: rows from Spark's Delta reader always.
+    Defaults are ``config.QuerySettings``'s."""
+
+    codes_table: str
+    k: int
+    query_batch: int = QuerySettings.query_batch
+    memory_budget_mb: int = QuerySettings.memory_budget_mb
+    direct_read: bool = True
+
+
+def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, scan: ScanParams,
+                 stats: list[PartitionStat] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of every query over the code table.
 
-    queries: float32 (nq, d) embeddings. k: ranks to keep (larger than the table = all).
-    Returns D float32 (nq, k'), clip ids object (nq, k'), and the Delta version scanned: every
+    queries: float32 (nq, d) embeddings. Returns D float32 (nq, k'), clip ids object (nq, k'), and the Delta version scanned: every
     batch reads that one version, so a reindex committed meanwhile never mixes into the answer.
     ``stats``, if given, receives every scan task's rows and seconds (one record per partition
     and query batch, from successful task attempts only).
@@ -51,6 +65,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     its time. Otherwise (``direct_read`` False, deletion vectors, remote storage) the tasks get
     the rows from Spark's Delta reader.
     """
+    codes_table, k, query_batch, memory_budget_mb = scan.codes_table, scan.k, scan.query_batch, scan.memory_budget_mb
     # Which model wrote the rows is in the lineage encode commits with them (one model per table
     # version: a new model version is a full reindex); checked before anything is scanned.
     version, lineage = code_table_state(spark, codes_table)
@@ -66,7 +81,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, codes_table: str, que
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
     groups = None  # data files per scan task, when the tasks read them directly
-    if direct_read:
+    if scan.direct_read:
         groups = direct_read_groups(codes, table_state(spark, codes_table), ["clip_id", "code"], SCAN_TASK_BYTES,
                                     version)
     if groups is not None:
@@ -156,13 +171,40 @@ class QueryOutcome:
     n_queries: int
 
 
-def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_table: str, codes_table: str,
-                       results_table: str, run_id: str, query_split: str, db_splits: list[str], top_r: int,
-                       query_batch: int, memory_budget_mb: int, results_r: int, evaluate: bool,
-                       float_reference: bool) -> QueryOutcome:
-    """Rank the code table for every clip of ``query_split``, append the top ``results_r`` per query
+@dataclass(frozen=True)
+class QueryParams:
+    """What a query run reads, writes and scores (``from_config``: the values of ``config.QuerySettings``
+    and the encode splits as the database)."""
+
+    embeddings_table: str
+    codes_table: str
+    results_table: str
+    query_split: str
+    db_splits: tuple[str, ...]  # the rows the code table holds: the float reference's database
+    top_r: int = QuerySettings.top_r  # 0 = the whole database (mAP@all)
+    query_batch: int = QuerySettings.query_batch
+    memory_budget_mb: int = QuerySettings.memory_budget_mb
+    results_r: int = QuerySettings.results_r  # ranks per query written to the results table
+    evaluate: bool = QuerySettings.evaluate
+    float_reference: bool = QuerySettings.float_reference  # recall@R against exact float search
+    run_id: str = ""  # the MLflow run, written with every result row
+
+    @classmethod
+    def from_config(cls, cfg, **changes) -> "QueryParams":
+        q = cfg.query
+        params = cls(cfg.lake.table("embeddings"), cfg.lake.table("codes"), cfg.lake.table("results"), q.split,
+                     tuple(cfg.encode.splits), q.top_r, q.query_batch, q.memory_budget_mb, q.results_r, q.evaluate,
+                     q.float_reference)
+        return dataclasses.replace(params, **changes)
+
+
+def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryParams) -> QueryOutcome:
+    """Rank the code table for every clip of the query split, append the top ``results_r`` per query
     to the results table, and (``evaluate``) score the ranking against the labels of the database
     and, with ``float_reference``, against exact float search over the database embeddings."""
+    p = params
+    embeddings_table, codes_table, query_split, db_splits = p.embeddings_table, p.codes_table, p.query_split, \
+        list(p.db_splits)
     from audiohash.evaluation import (class_group_metrics, exact_float_topk, ranked_positions, retrieval_curves,
                                       retrieval_metrics)
     from audiohash.spark.tables import embeddings_extractor, read_embeddings
@@ -173,22 +215,22 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, embeddings_tabl
     refuse_other_extractor(extractor[1] if extractor else None, bundle, embeddings_table)
     started = time.time()
     scan_stats: list[PartitionStat] = []
-    D, ranked_ids, codes_version = search_codes(spark, bundle, codes_table, xq, top_r or 2**62, query_batch,
-                                                memory_budget_mb, scan_stats)
+    scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb)
+    D, ranked_ids, codes_version = search_codes(spark, bundle, xq, scan, scan_stats)
     seconds = time.time() - started
     R = ranked_ids.shape[1]
     metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
-    append_results(spark, results_table, query_ids, ranked_ids[:, :min(R, results_r)], D[:, :min(R, results_r)],
-                   run_id, bundle)
+    append_results(spark, p.results_table, query_ids, ranked_ids[:, :min(R, p.results_r)],
+                   D[:, :min(R, p.results_r)], p.run_id, bundle)
     curves = None
-    if evaluate:
+    if p.evaluate:
         db = (spark.read.format("delta").option("versionAsOf", codes_version).load(codes_table)
               .select("clip_id", "label").orderBy("clip_id").toPandas())
         db_ids, db_labels = db["clip_id"].to_numpy(object), db["label"].to_numpy(object)
         ranked = ranked_positions(ranked_ids, db_ids)
         reference = None
-        if float_reference:
+        if p.float_reference:
             xb_ids, _, xb, _ = read_embeddings(spark, embeddings_table, db_splits)
             if np.array_equal(xb_ids, db_ids):
                 reference = exact_float_topk(xq, xb, R)
