@@ -16,7 +16,7 @@ demo:
 # Everything, the standalone-cluster tests included (tests/test_cluster.py: a real master and
 # two workers on loopback, worker loss; about 7 minutes of the suite's 12 on 2 cores).
 test:
-	scripts/with-env.sh python -m pytest -q -p no:cacheprovider
+	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-cluster:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m cluster

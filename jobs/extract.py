@@ -15,12 +15,9 @@ from audiohash.cli import job_parser, run_job
 
 
 def main(cfg, args):
-    from audiohash.spark.extract import ExtractParams, extract_embeddings
-    from audiohash.spark.session import get_spark
+    from audiohash.spark import runs
 
-    spark = get_spark(cfg.spark)
-    summary = extract_embeddings(spark, ExtractParams.from_config(cfg))
-    print(summary.line())
+    return runs.extract(cfg)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,6 @@ embeddings table never mixes with another dataset's; the report lands in reports
 from audiohash.cli import job_parser, run_job
 
 
-def run_stage(name, cfg, **args):
-    """Run one job's main() in this process (same SparkSession); return its MLflow run (None for extract)."""
-    import importlib.util
-    from pathlib import Path
-
-    import mlflow
-
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"audiohash_job_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    run_id = module.main(cfg, type("Args", (), args)())
-    return mlflow.get_run(run_id) if run_id else None
-
-
 def main(cfg, args):
     import copy
     from pathlib import Path
@@ -41,6 +26,7 @@ def main(cfg, args):
     from audiohash.config import DEFAULT_EXTRACTOR
     from audiohash.dataset import build_dataset
     from audiohash.errors import AudiohashError
+    from audiohash.spark import runs
     from audiohash.spark.session import get_spark
     from audiohash.tracking import job_run
     from audiohash.training import draw_unseen_classes
@@ -78,7 +64,7 @@ def main(cfg, args):
         database = manifest[manifest["split"].isin(cfg.encode.splits)] if cfg.encode.splits else manifest
         cfg.train.unlabeled_classes = draw_unseen_classes(database["label"].dropna(), args.unseen_share, cfg.train.seed)
         print(f"report: classes without labels in training (seed {cfg.train.seed}): {cfg.train.unlabeled_classes}")
-    run_stage("extract", cfg)
+    runs.extract(cfg)
     methods = args.methods.split(",") if args.methods else list(report.METHODS)
     bits = [int(b) for b in args.bits.split(",")] if args.bits else list(report.BITS)
     curve_bits = 32 if 32 in bits else bits[-1]
@@ -88,9 +74,9 @@ def main(cfg, args):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.train.method, run_cfg.train.bits, run_cfg.train.label_fraction = method, n_bits, fraction
         run_cfg.model.name, run_cfg.model.version, run_cfg.query.top_r = "", "latest", 0
-        train = run_stage("train", run_cfg, method=None, bits=None, label_fraction=None)
-        run_stage("encode", run_cfg)
-        query = run_stage("query", run_cfg)
+        train = mlflow.get_run(runs.train(run_cfg))
+        runs.encode(run_cfg)
+        query = mlflow.get_run(runs.query(run_cfg))
         metrics = query.data.metrics
         row = {"method": method, "bits": n_bits, "label_fraction": fraction, "supervised": method in report.SUPERVISED,
                "map_all": metrics["map_all"], "map_at_100": metrics.get("map_at_100"),
