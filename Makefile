@@ -14,7 +14,7 @@ demo:
 	scripts/with-env.sh scripts/demo.sh $(CONF)
 
 # Everything, the standalone-cluster tests included (tests/test_cluster.py: a real master and
-# two workers on loopback, worker loss; about 7 minutes of the suite's 12 on 2 cores).
+# two workers on loopback, worker loss; about 7 minutes), two xdist workers, a test file each.
 test:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 

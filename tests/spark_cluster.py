@@ -363,7 +363,7 @@ EVENT_LOG_CONF = {"spark.eventLog.enabled": "true", "spark.eventLog.compress": "
                   "spark.eventLog.rolling.enabled": "false"}
 
 
-# ---- watching an application: the driver's REST API while it runs, its event log afterwards ----
+# ---- an application's event log, read after it ran -------------------------------------------------
 def stages_with_operator(events: list[dict], operator: str) -> set[int]:
     """Stage ids whose RDDs come from the SQL operator ``operator`` (RDD scope names)."""
     return {e["Stage Info"]["Stage ID"] for e in events if e["Event"] == "SparkListenerStageSubmitted"
