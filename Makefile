@@ -15,8 +15,10 @@ demo:
 
 # Everything, the standalone-cluster tests included (tests/test_cluster.py: a real master and
 # two workers on loopback, worker loss; about 7 minutes), two xdist workers, a test file each.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads (faiss's and torch's runtimes) sleep instead of
+# spinning; with two workers on two cores the spinning made training tests 8x slower (README, Tests).
 test:
-	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	OMP_WAIT_POLICY=PASSIVE scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-cluster:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m cluster
