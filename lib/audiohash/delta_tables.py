@@ -113,9 +113,13 @@ def history(path: str, limit: int | None = None) -> list[dict]:
              "operationMetrics": r.get("operationMetrics") or {}} for r in rows]
 
 
-def appended_files(path: str, after: int, upto: int) -> tuple[tuple[str, ...] | None, str]:
-    """What versions after+1 .. upto of the local table did: ``files_appended`` of their states."""
-    return files_appended(table_state(path, after), table_state(path, upto))
+def appended_files(path: str, after: int, upto: int,
+                   now: TableState | None = None) -> tuple[tuple[str, ...] | None, str]:
+    """What versions after+1 .. upto of the local table did: ``files_appended`` of their states.
+    ``now``: the state of version ``upto`` where the caller has read it already (not read again)."""
+    if now is None or now.version != upto:
+        now = table_state(path, upto)
+    return files_appended(table_state(path, after), now)
 
 
 def files_appended(before: TableState, now: TableState) -> tuple[tuple[str, ...] | None, str]:

@@ -139,7 +139,7 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, params: EncodeParams)
             and current.embeddings_table_id == table_id and plain and local is not None
             and current.embeddings_version < version):
         try:
-            appended = delta_tables.appended_files(local, current.embeddings_version, version)
+            appended = delta_tables.appended_files(local, current.embeddings_version, version, state)
         except AudiohashError as exc:  # the encoded version's log was cleaned up
             log.info("embeddings table after version %d not comparable (%s); comparing every row",
                      current.embeddings_version, exc)
