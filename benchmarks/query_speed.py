@@ -103,7 +103,8 @@ def run_mode(spark, method: str, bits: int, data, n: int, queries: int, topk: in
     # Ours and faiss alternate, so both see the same machine (this VM's speed drifts by 20-30%).
     ours_times, faiss_times = [], []
     for _ in range(repeats):
-        seconds, (D_ours, ids_ours, _) = timed(lambda: search_codes(spark, bundle, xq, ScanParams(path, topk, query_batch)), 1)
+        seconds, found = timed(lambda: search_codes(spark, bundle, xq, ScanParams(path, topk, query_batch)), 1)
+        D_ours, ids_ours = found.distances, found.clip_ids
         ours_times += seconds
         seconds, (D_ref, I_ref) = timed(lambda: index.search(zq, topk), 1)
         faiss_times += seconds

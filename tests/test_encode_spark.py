@@ -1,7 +1,7 @@
 """jobs/encode.py end to end on real Delta tables and a real MLflow store: full encode, no-change
 rerun, appended / changed / deleted clips, model switch with time-travel rollback, table
-maintenance, and a run killed mid-write. Codes are checked against the registered quantizer's
-own in-process encode of the same embeddings."""
+maintenance, and a run killed mid-write. Codes are checked against the in-process runner's encode
+of the same embeddings with the same registered model (``audiohash.in_process``)."""
 import contextlib
 import io
 import os
@@ -98,15 +98,15 @@ def codes_of(spark, cfg, version=None) -> pd.DataFrame:
 
 
 def expected_codes(spark, cfg, model_version: int) -> dict[str, bytes]:
-    """The reference: the registered quantizer's in-process encode of the encodable db rows."""
+    """The reference: the in-process runner's encode (no Spark) of the db rows of the embeddings
+    table's latest version with the registered model (tests/test_in_process.py checks it against
+    the quantizer's own encode)."""
+    from audiohash.in_process import encode_table
     from audiohash.tracking import load_registered_bundle
 
-    quantizer = load_registered_bundle(cfg, str(model_version)).quantizer
-    emb = spark.read.format("delta").load(cfg.lake.table("embeddings")).toPandas()
-    encodable = emb["embedding"].map(lambda v: v is not None and len(v) == DIM and np.isfinite(v).all())
-    emb = emb[(emb["split"] == "db") & encodable]
-    codes = quantizer.encode(np.stack(emb["embedding"].to_numpy()).astype(np.float32))
-    return {clip: bytes(code) for clip, code in zip(emb["clip_id"], codes)}
+    bundle = load_registered_bundle(cfg, str(model_version))
+    encoded, _ = encode_table(cfg.lake.table("embeddings"), bundle, N_SHARDS, ("db",))
+    return dict(zip(encoded.column("clip_id").to_pylist(), encoded.column("code").to_pylist()))
 
 
 def assert_codes_match(codes: pd.DataFrame, expected: dict[str, bytes], model_version: int):

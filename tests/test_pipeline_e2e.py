@@ -93,7 +93,7 @@ def test_runs_and_metrics_are_in_mlflow(pipeline):
 
 
 def test_query_batches_give_the_same_ranking(spark, pipeline):
-    from audiohash.arrow_arrays import code_matrix
+    from audiohash.in_process import search_table
     from audiohash.ranking import ranking_mismatch
     from audiohash.spark.query import ScanParams, search_codes
     from audiohash.spark.tables import read_embeddings
@@ -101,16 +101,16 @@ def test_query_batches_give_the_same_ranking(spark, pipeline):
 
     bundle = load_registered_bundle(pipeline)
     _, _, xq, _ = read_embeddings(spark, pipeline.lake.table("embeddings"), ["query"])
-    D_one, ids_one, v_one = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 1000))
-    D_many, ids_many, v_many = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 7))
+    one = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 1000))
+    many = search_codes(spark, bundle, xq, ScanParams(pipeline.lake.table("codes"), 15, 7))
+    D_one, ids_one, v_one, D_many, ids_many, v_many = (one.distances, one.clip_ids, one.version, many.distances,
+                                                       many.clip_ids, many.version)
     assert v_one == v_many
-    # In-process reference: the same quantizer's faiss scan over all the codes, ranked by (distance, clip_id).
-    codes = read(spark, pipeline, "codes").select("clip_id", "code").orderBy("clip_id").toArrow()
-    db_ids = codes.column("clip_id").to_numpy(zero_copy_only=False)
-    q = bundle.quantizer
-    D_ref, I_ref = q.scan(code_matrix(codes.column("code"), q.code_size), q.query_side(xq), len(db_ids))
+    # The reference: the in-process runner's scan of every code, ranked by (distance, clip_id).
+    D_ref, ids_ref, v_ref = search_table(pipeline.lake.table("codes"), bundle, xq, 1 << 30)
+    assert v_ref == v_one
     for D, ids in ((D_one, ids_one), (D_many, ids_many)):
-        assert ranking_mismatch(D, ids, D_ref, db_ids[I_ref], complete=True) is None
+        assert ranking_mismatch(D, ids, D_ref, ids_ref, complete=True) is None
 
 
 def test_query_refuses_codes_of_another_model_version(spark, pipeline):

@@ -1,7 +1,6 @@
 """The distributed query on real Delta code tables equals one in-process faiss scan of the same codes,
 for DQN codes (asymmetric distance through the network) and ITQ codes (Hamming), whatever the query
 batching: rankings by (distance, clip_id), with the many equal distances such codes produce."""
-import logging
 
 import numpy as np
 import pytest
@@ -41,27 +40,26 @@ def encoded(request, spark, tmp_path_factory):
 
 
 @pytest.mark.parametrize("direct_read", [True, False], ids=["files-read-by-tasks", "rows-from-spark"])
-def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_read, caplog):
-    from audiohash.arrow_arrays import code_matrix
+def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_read):
+    from audiohash.in_process import search_table
     from audiohash.ranking import ranking_mismatch
     from audiohash.spark.query import ScanParams, search_codes
+    from audiohash.spark.tables import table_state
     from audiohash.tracking import load_registered_bundle
 
     cfg, xq = encoded
     bundle = load_registered_bundle(cfg)
     table = cfg.lake.table("codes")
-    codes = spark.read.format("delta").load(table).select("clip_id", "code").toArrow()
-    ids = codes.column("clip_id").to_numpy(zero_copy_only=False)
-    q = bundle.quantizer
-    D_all, I_all = q.scan(code_matrix(codes.column("code"), q.code_size), q.query_side(xq), len(ids))
-    order = [np.lexsort((ids[I_all[row]], D_all[row])) for row in range(len(xq))]  # by (distance, clip_id)
-    D_ref = np.stack([D_all[row][o] for row, o in enumerate(order)])
-    ids_ref = np.stack([ids[I_all[row]][o] for row, o in enumerate(order)])
+    # The reference: the in-process runner's scan of every code, ranked by (distance, clip_id).
+    D_ref, ids_ref, version = search_table(table, bundle, xq, N_DB)
+    assert D_ref.shape == (len(xq), N_DB)
     assert any(len(np.unique(d)) < len(d) for d in D_ref), "no equal distances: tie-breaking not exercised"
     for query_batch in (1000, 7):  # one batch, and 15 batches
-        with caplog.at_level(logging.INFO, logger="audiohash.query"):
-            D, got, _ = search_codes(spark, bundle, xq, ScanParams(table, K, query_batch, direct_read=direct_read))
-        assert ("files read by" in caplog.text) == direct_read  # this local Delta table is plain Parquet
+        found = search_codes(spark, bundle, xq, ScanParams(table, K, query_batch, direct_read=direct_read))
+        D, got = found.distances, found.clip_ids
+        assert found.version == version and found.codes_per_query == N_DB
+        # This local Delta table is plain Parquet: the tasks read its files themselves where allowed.
+        assert found.files_read == (len(table_state(spark, table).files) if direct_read else None)
         assert ranking_mismatch(D, got, D_ref, ids_ref, complete=True) is None
         tied = D[:, 1:] == D[:, :-1]
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"

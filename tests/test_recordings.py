@@ -8,7 +8,6 @@ import shutil
 import struct
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

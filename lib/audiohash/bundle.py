@@ -123,3 +123,14 @@ def cached_bundle_from_bytes(data: bytes) -> ModelBundle:
         _CACHE.clear()  # one model at a time per worker is enough; keeps memory bounded
         _CACHE[key] = bundle_from_bytes(data)
     return _CACHE[key]
+
+
+def refuse_other_extractor(found: str | None, bundle: ModelBundle, embeddings_table: str) -> None:
+    """AudiohashError naming both versions when embeddings of extractor version ``found`` (None: no
+    rows) do not match the one the bundle was trained on; bundles without one pass."""
+    expected = bundle.meta.get("extractor_version")
+    if expected and found is not None and found != expected:
+        raise AudiohashError(
+            f"{embeddings_table} holds embeddings of extractor {found}, but model {bundle.model_name} "
+            f"v{bundle.model_version} was trained on {expected}: train a model on these embeddings "
+            f"(jobs/train.py) or re-extract with {expected}; nothing was written")

@@ -31,6 +31,9 @@ ENCODE_MODES = ("incremental", "full")
 ENCODE_CHUNK_ROWS = 16384
 ENCODED_COLUMNS = column_names(ENCODED_DDL)
 CODES_COLUMNS = column_names(CODES_DDL)
+# Commits that rearrange files or settings but not rows: the lineage before them still holds.
+MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
+HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
 
 
 def shard_of(clip_ids: list[str], n_shards: int) -> np.ndarray:
@@ -215,6 +218,23 @@ class Lineage:
         """True when ``other`` describes codes that an incremental run may update in place."""
         return (self.model_name, self.model_version, self.n_shards, sorted(self.splits)) == (
             other.model_name, other.model_version, other.n_shards, sorted(other.splits))
+
+
+def lineage_at(history: list, version: int | None = None) -> Lineage | None:
+    """The lineage of the table's content at ``version`` (default: latest) from its history rows.
+
+    Walks back over maintenance commits; None when a commit that changed rows was not made by
+    encode (or by its rollback), since then nobody knows what the rows were made from.
+    """
+    for row in sorted(history, key=lambda r: -r["version"]):
+        if version is not None and row["version"] > version:
+            continue
+        lineage = Lineage.from_json(row["userMetadata"])
+        if lineage is not None:
+            return lineage
+        if row["operation"] not in MAINTENANCE_OPERATIONS:
+            return None
+    return None
 
 
 @dataclass(frozen=True)

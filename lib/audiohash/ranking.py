@@ -110,6 +110,15 @@ def check_models(seen: list[str], codes_table: str, bundle: ModelBundle) -> None
         )
 
 
+def check_lineage(lineage, codes_table: str, version: int, bundle: ModelBundle) -> None:
+    """Refuse to scan a code table version that encode did not write (``lineage`` None: nobody
+    knows which model made its codes) or that another model wrote (``check_models``)."""
+    if lineage is None:
+        raise AudiohashError(f"code table {codes_table} (version {version}) was not written by jobs/encode.py: "
+                             f"no lineage in its commits, so nobody knows which model made its codes; re-encode")
+    check_models([f"{lineage.model_name}:{lineage.model_version}"], codes_table, bundle)
+
+
 def plan_query_batches(n_queries: int, requested: int, k: int, n_partitions: int, table_bytes_per_query: int,
                        budget_bytes: int) -> list[tuple[int, int]]:
     """Split queries into [start, stop) batches of at most ``requested`` queries whose driver-side

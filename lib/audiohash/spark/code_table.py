@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from audiohash.bundle import ModelBundle
-from audiohash.encoding import CODES_COLUMNS, Lineage
+from audiohash.encoding import CODES_COLUMNS, HISTORY_DEPTH, Lineage, lineage_at
 from audiohash.errors import AudiohashError
 from audiohash.schemas import ENCODE_INPUT_COLUMNS, REJECTS_DDL
 from audiohash.spark.embedding_reader import fingerprinted
@@ -21,30 +21,10 @@ from audiohash.spark.tables import append_delta, session_conf, table_exists, tab
 
 log = logging.getLogger("audiohash.encode")
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
-# Commits that rearrange files or settings but not rows: the lineage before them still holds.
-MAINTENANCE_OPERATIONS = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES"}
 # What delta-spark raises when another writer committed first (its public Python exceptions).
 DELTA_CONFLICTS = (ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
                    ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
                    MetadataChangedException, ProtocolChangedException)
-HISTORY_DEPTH = 100  # commits searched back for the last encode's lineage
-
-
-def lineage_at(history: list, version: int | None = None) -> Lineage | None:
-    """The lineage of the table's content at ``version`` (default: latest) from its history rows.
-
-    Walks back over maintenance commits; None when a commit that changed rows was not made by
-    encode (or by its rollback), since then nobody knows what the rows were made from.
-    """
-    for row in sorted(history, key=lambda r: -r["version"]):
-        if version is not None and row["version"] > version:
-            continue
-        lineage = Lineage.from_json(row["userMetadata"])
-        if lineage is not None:
-            return lineage
-        if row["operation"] not in MAINTENANCE_OPERATIONS:
-            return None
-    return None
 
 
 def code_table_state(spark: SparkSession, codes_table: str) -> tuple[int, Lineage | None]:

@@ -18,7 +18,8 @@ from audiohash import delta_tables, faults
 from audiohash.bundle import ModelBundle, bundle_to_bytes
 from audiohash.encoding import CODES_COLUMNS, Lineage
 from audiohash.schemas import CODES_DDL, ENCODE_INPUT_COLUMNS, ENCODED_DDL, arrow_schema
-from audiohash.spark.embedding_reader import EmbeddingRows, encode_columns
+from audiohash.in_process import file_batches
+from audiohash.spark.embedding_reader import EmbeddingRows
 from audiohash.spark.tables import direct_read_groups, indexed_tasks, local_table, set_worker_threads, table_state
 from audiohash.table_files import SCAN_TASK_BYTES
 
@@ -50,16 +51,6 @@ def encode_frame(rows: EmbeddingRows, bundle: ModelBundle, n_shards: int,
 
 
 # ---- in the encode tasks ----------------------------------------------------------------------------
-def file_batches(uris: list[str], splits: tuple[str, ...], batch_rows: int):
-    """The encode input (``ENCODE_INPUT_COLUMNS``) of embeddings files a task reads itself, the rows
-    of ``splits`` only, in batches of at most ``batch_rows`` rows."""
-    from audiohash.encoding import select_splits
-    from audiohash.table_files import read_parquet_files
-
-    for batch in read_parquet_files(uris, encode_columns(splits), batch_rows):
-        yield select_splits(batch, splits).select(ENCODE_INPUT_COLUMNS)
-
-
 def encoded_batches(batches, payload: Broadcast, n_shards: int, task_cpus: int, left_out: Accumulator):
     """Encode input batches -> ``ENCODED_DDL`` batches with the broadcast bundle
     (``encoding.encode_batch``), adding the rows it leaves out (bad embeddings) to ``left_out``."""

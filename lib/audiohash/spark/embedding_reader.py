@@ -12,9 +12,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
-from audiohash.bundle import ModelBundle
-from audiohash.errors import AudiohashError
-from audiohash.schemas import ENCODE_INPUT_COLUMNS
+from audiohash.bundle import ModelBundle, refuse_other_extractor
+from audiohash.in_process import encode_columns
 from audiohash.spark.tables import TableState, direct_read_groups
 from audiohash.table_files import ENCODE_TASK_BYTES
 
@@ -50,11 +49,6 @@ def fingerprinted(rows: DataFrame) -> DataFrame:
             yield with_fingerprints(batch)
 
     return rows.mapInArrow(add_fingerprints, schema)
-
-
-def encode_columns(splits) -> list[str]:
-    """Columns an encode task reads from the embeddings files: the split only to select rows by it."""
-    return [*ENCODE_INPUT_COLUMNS, "split"] if splits else ENCODE_INPUT_COLUMNS
 
 
 @dataclass
@@ -100,18 +94,6 @@ def check_extractor(rows: EmbeddingRows, bundle: ModelBundle, embeddings_table: 
         first = rows.frame.select("extractor_version").limit(1).collect()
         found = first[0][0] if first else None
     refuse_other_extractor(found, bundle, embeddings_table)
-
-
-def refuse_other_extractor(found: str | None, bundle: ModelBundle, embeddings_table: str) -> None:
-    """AudiohashError naming both versions when embeddings of extractor version ``found`` (None: no
-    rows) do not match the one the bundle was trained on; bundles without one pass."""
-    expected = bundle.meta.get("extractor_version")
-    if expected and found is not None and found != expected:
-        raise AudiohashError(
-            f"{embeddings_table} holds embeddings of extractor {found}, but model {bundle.model_name} "
-            f"v{bundle.model_version} was trained on {expected}: train a model on these embeddings "
-            f"(jobs/train.py) or re-extract with {expected}; nothing was written")
-
 
 
 def appended_clip_ids(rows: EmbeddingRows) -> pa.ChunkedArray:

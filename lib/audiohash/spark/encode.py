@@ -31,10 +31,9 @@ from pyspark.sql import functions as F
 
 from audiohash import delta_tables
 from audiohash.bundle import ModelBundle
-from audiohash.encoding import EncodePlan, Lineage, first_duplicate, plan_encode
+from audiohash.encoding import HISTORY_DEPTH, EncodePlan, Lineage, first_duplicate, lineage_at, plan_encode
 from audiohash.errors import AudiohashError
-from audiohash.spark.code_table import (DELTA_CONFLICTS, HISTORY_DEPTH, commit_metrics, changed_rows, lineage_at,
-                                        merge_codes, write_rejects)
+from audiohash.spark.code_table import DELTA_CONFLICTS, commit_metrics, changed_rows, merge_codes, write_rejects
 from audiohash.spark.code_writer import code_rows, count_coded, encode_frame, write_code_files
 from audiohash.spark.embedding_reader import EmbeddingRows, appended_clip_ids, check_extractor, embedding_rows, read_rows
 from audiohash.spark.tables import (local_table, overwrite_delta, session_conf, table_exists, table_history,

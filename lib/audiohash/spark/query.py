@@ -17,14 +17,12 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from audiohash import faults
-from audiohash.bundle import ModelBundle, bundle_to_bytes
+from audiohash.bundle import ModelBundle, bundle_to_bytes, refuse_other_extractor
 from audiohash.config import QuerySettings
-from audiohash.errors import AudiohashError
-from audiohash.ranking import (check_models, merge_topk, partition_record, partitions_from_table, plan_query_batches,
+from audiohash.ranking import (check_lineage, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.code_table import code_table_state
-from audiohash.spark.embedding_reader import refuse_other_extractor
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
 from audiohash.spark.tables import (append_delta, direct_read_groups, indexed_tasks, session_conf,
                                     set_worker_threads, table_state)
@@ -50,14 +48,24 @@ class ScanParams:
     direct_read: bool = True
 
 
+@dataclass
+class ScanResult:
+    """What ``search_codes`` found and how: the ranking, the one version scanned, the read path."""
+
+    distances: np.ndarray  # float32 (nq, k'), best first
+    clip_ids: np.ndarray  # object (nq, k'): ties at equal distance by clip_id
+    version: int  # the code table version every query batch read
+    files_read: int | None  # data files the scan tasks read themselves; None: Spark's Delta reader fed them
+    codes_per_query: int  # code rows each query was compared with
+
+
 def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, scan: ScanParams,
-                 stats: list[PartitionStat] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                 stats: list[PartitionStat] | None = None) -> ScanResult:
     """Top-k of every query over the code table.
 
-    queries: float32 (nq, d) embeddings. Returns D float32 (nq, k'), clip ids object (nq, k'), and the Delta version scanned: every
-    batch reads that one version, so a reindex committed meanwhile never mixes into the answer.
-    ``stats``, if given, receives every scan task's rows and seconds (one record per partition
-    and query batch, from successful task attempts only).
+    queries: float32 (nq, d) embeddings. Every query batch reads one version, so a reindex committed
+    meanwhile never mixes into the answer. ``stats``, if given, receives every scan task's rows and
+    seconds (one record per partition and query batch, from successful task attempts only).
 
     Where the table version is plain Parquet on local files (``table_files.direct_readable``), each
     scan task reads its share of the version's data files itself with pyarrow: moving the rows
@@ -69,10 +77,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     # Which model wrote the rows is in the lineage encode commits with them (one model per table
     # version: a new model version is a full reindex); checked before anything is scanned.
     version, lineage = code_table_state(spark, codes_table)
-    if lineage is None:
-        raise AudiohashError(f"code table {codes_table} (version {version}) was not written by jobs/encode.py: "
-                             f"no lineage in its commits, so nobody knows which model made its codes; re-encode")
-    check_models([f"{lineage.model_name}:{lineage.model_version}"], codes_table, bundle)
+    check_lineage(lineage, codes_table, version, bundle)
     codes = (spark.read.format("delta").option("versionAsOf", version).load(codes_table)
              .select("clip_id", "code"))
     if k >= 100_000:  # "whole database": size the batches by the table (a metadata-only count)
@@ -95,7 +100,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
              if groups is not None else "rows from Spark's Delta reader")
     batches = plan_query_batches(len(queries), query_batch, k, n_files,
                                  bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)
-    all_D, all_ids = [], []
+    all_D, all_ids, scanned = [], [], 0
     for b, (start, stop) in enumerate(batches):
         started = time.time()
         query_side = bundle.quantizer.query_side(queries[start:stop])
@@ -128,13 +133,15 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
             stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
                                      [p.seconds for p in parts])
         D, ids = merge_topk(parts, k)
+        scanned = sum(p.scanned_rows for p in parts)
         all_D.append(D)
         all_ids.append(ids)
         shipped.unpersist()
         log.info("query batch %d/%d: %d queries, top-%d of %s v%d in %.2f s", b + 1, len(batches), stop - start,
                  D.shape[1], codes_table, version, time.time() - started)
     payload.unpersist()
-    return np.vstack(all_D), np.vstack(all_ids), version
+    return ScanResult(np.vstack(all_D), np.vstack(all_ids), version,
+                      None if groups is None else sum(map(len, groups)), scanned)
 
 
 def append_results(spark: SparkSession, results_table: str, query_ids: np.ndarray, ranked_ids: np.ndarray,
@@ -216,10 +223,12 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     started = time.time()
     scan_stats: list[PartitionStat] = []
     scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb)
-    D, ranked_ids, codes_version = search_codes(spark, bundle, xq, scan, scan_stats)
+    found = search_codes(spark, bundle, xq, scan, scan_stats)
+    D, ranked_ids, codes_version = found.distances, found.clip_ids, found.version
     seconds = time.time() - started
     R = ranked_ids.shape[1]
-    metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R}
+    metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R,
+               "codes_per_query": found.codes_per_query}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
     append_results(spark, p.results_table, query_ids, ranked_ids[:, :min(R, p.results_r)],
                    D[:, :min(R, p.results_r)], p.run_id, bundle)
