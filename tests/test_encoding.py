@@ -32,12 +32,28 @@ def test_encode_batch_matches_the_quantizer_and_crc32_shards(pq):
     clip_ids = [f"bank/label/clip-{i}" for i in range(len(x))]
     labels = [None if i % 7 == 0 else f"class{i % 3}" for i in range(len(x))]
     out = encode_batch(batch_of(x, clip_ids, labels), pq, n_shards=5)
-    assert out.schema.names == ["clip_id", "shard", "code", "label", "source_hash"]
+    assert out.schema.names == ["clip_id", "shard", "code", "label", "source_hash", "list_id"]
+    assert out.column("list_id").null_count == len(x)  # this model has no inverted file
     np.testing.assert_array_equal(code_matrix(out.column("code"), 4), pq.encode(x))
     assert out.column("shard").to_pylist() == [zlib.crc32(c.encode("utf-8")) % 5 for c in clip_ids]
     assert out.column("label").to_pylist() == labels
     batch = batch_of(x, clip_ids, labels)
     assert out.column("source_hash").to_pylist() == fingerprint(batch.column("embedding"), batch.column("label")).tolist()
+
+
+def test_encode_batch_with_lists_gives_each_code_its_list_and_the_lists_range_as_shard(pq):
+    import copy
+
+    from audiohash import ivf
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    with_lists = copy.deepcopy(pq).fit_lists(x, 7)
+    out = encode_batch(batch_of(x, [f"c{i}" for i in range(len(x))], ["a"] * len(x)), with_lists, n_shards=3)
+    lists = ivf.assign_lists(pq.query_side(x), with_lists.ivf_centroids)
+    assert out.column("list_id").to_pylist() == lists.tolist()
+    assert out.column("shard").to_pylist() == (lists * 3 // 7).tolist()
+    np.testing.assert_array_equal(code_matrix(out.column("code"), 4), pq.encode(x))  # codes as without lists
 
 
 def test_encode_batch_leaves_out_rows_it_cannot_encode(pq):
@@ -207,12 +223,13 @@ def test_code_table_batch_adds_the_runs_shared_columns_in_table_order():
 
     encoded = pa.RecordBatch.from_pydict({
         "clip_id": ["a", "b"], "shard": pa.array([0, 3], pa.int32()), "code": pa.array([b"\x01\x02", b"\x03\x04"]),
-        "label": ["dog", None], "source_hash": pa.array([7, -8], pa.int64())})
+        "label": ["dog", None], "source_hash": pa.array([7, -8], pa.int64()), "list_id": pa.array([5, 2], pa.int32())})
     lineage = Lineage("m", 3, 4, ("db",), "/lake/embeddings", 12, "table-id", "run-9", "model-run")
     at = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
     rows = code_table_batch(encoded, lineage, at)
     assert rows.schema.names == CODES_COLUMNS
     assert rows.column("clip_id").to_pylist() == ["a", "b"] and rows.column("label").to_pylist() == ["dog", None]
+    assert rows.column("list_id").to_pylist() == [5, 2]
     assert rows.column("model_version").type == pa.int32() and rows.column("model_version").to_pylist() == [3, 3]
     assert rows.column("embedding_version").to_pylist() == [12, 12] and rows.column("encode_run_id").to_pylist() == ["run-9"] * 2
     assert rows.column("encoded_at").type == pa.timestamp("us", tz="UTC") and rows.column("encoded_at")[0].as_py() == at

@@ -5,7 +5,7 @@ batching: rankings by (distance, clip_id), with the many equal distances such co
 import numpy as np
 import pytest
 from conftest import run_job_main
-from test_encode_spark import N_DB, N_QUERY, config, synthetic, write_embeddings
+from test_encode_spark import N_DB, N_QUERY, N_SHARDS, config, synthetic, write_embeddings
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -93,3 +93,86 @@ def test_a_code_table_without_encode_lineage_is_refused(spark, encoded, tmp_path
     spark.read.format("delta").load(cfg.lake.table("codes")).write.format("delta").save(copy)
     with pytest.raises(AudiohashError, match=r"copied-codes \(version 0\) was not written by jobs/encode.py"):
         search_codes(spark, load_registered_bundle(cfg), xq, ScanParams(copy, K, 1000))
+
+
+# ---- the inverted file -----------------------------------------------------------------------------
+NLIST = 12
+
+
+@pytest.fixture(scope="module")
+def ivf_lake(spark, tmp_path_factory):
+    """A code table encoded by the job with a PQ model that has NLIST lists (shards = list ranges)."""
+    import pandas as pd
+
+    from audiohash.bundle import ModelBundle
+    from audiohash.quantizers import make_quantizer
+    from audiohash.tracking import job_run, log_and_register_bundle
+
+    lake = tmp_path_factory.mktemp("query-ivf")
+    frame = pd.concat([synthetic(N_DB, 1, "db"), synthetic(N_QUERY, 2, "q", "query")], ignore_index=True)
+    write_embeddings(spark, lake / "embeddings", frame, mode="overwrite", files=2)
+    cfg = config(lake, "train.bits=32", "model.version=1")
+    db = frame[frame["split"] == "db"]
+    x = np.stack(db["embedding"].to_numpy()).astype(np.float32)
+    quantizer = make_quantizer("pq", 32, seed=0).fit(x).fit_lists(x, NLIST)
+    with job_run(cfg, "train"):
+        log_and_register_bundle(ModelBundle(quantizer, cfg.model_name, 0, {}))
+    run_job_main("encode", cfg)
+    xq = np.stack(frame.loc[frame["split"] == "query", "embedding"].to_numpy()).astype(np.float32)
+    return cfg, xq
+
+
+@pytest.mark.parametrize("direct_read", [True, False], ids=["files-read-by-tasks", "rows-from-spark"])
+def test_probed_scan_equals_the_in_process_scan_of_the_same_lists(spark, ivf_lake, direct_read):
+    from audiohash.in_process import search_table
+    from audiohash.ranking import ranking_mismatch
+    from audiohash.spark.query import ScanParams, search_codes
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, xq = ivf_lake
+    bundle = load_registered_bundle(cfg)
+    table = cfg.lake.table("codes")
+    for nprobe in (2, NLIST):
+        D_ref, ids_ref, _ = search_table(table, bundle, xq, K, nprobe=nprobe)
+        found = search_codes(spark, bundle, xq, ScanParams(table, K, 7, direct_read=direct_read, nprobe=nprobe))
+        assert found.nprobe == nprobe
+        assert ranking_mismatch(found.distances, found.clip_ids, D_ref, ids_ref, complete=True) is None
+        assert (found.codes_per_query < N_DB) if nprobe < NLIST else (found.codes_per_query == N_DB)
+    D_all, ids_all, _ = search_table(table, bundle, xq, K)  # every list probed: the exhaustive ranking
+    assert ranking_mismatch(found.distances, found.clip_ids, D_all, ids_all, complete=True) is None
+
+
+def test_files_of_unprobed_lists_are_never_read_and_appended_codes_land_in_their_lists(spark, ivf_lake, tmp_path):
+    import shutil
+
+    from audiohash import delta_tables, ivf
+    from audiohash.encoding import shard_of_lists
+    from audiohash.spark.query import ScanParams, search_codes
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, xq = ivf_lake
+    lake = tmp_path / "lake"
+    shutil.copytree(cfg.lake.root, lake)
+    cfg = config(lake, "train.bits=32", "model.version=1")
+    bundle = load_registered_bundle(cfg)
+    q = bundle.quantizer
+    table = cfg.lake.table("codes")
+    # One query, one list: the scan tasks read the files of that list's shard only.
+    probe = ivf.nearest_lists(q.query_side(xq[:1]), q.ivf_centroids, 1)
+    shard = int(shard_of_lists(probe, NLIST, N_SHARDS)[0, 0])
+    state = delta_tables.table_state(table)
+    in_shard = [f for f, part in zip(state.files, state.partitions) if part["shard"] == shard]
+    found = search_codes(spark, bundle, xq[:1], ScanParams(table, K, 1000, nprobe=1))
+    assert 0 < found.files_read == len(in_shard) < len(state.files)
+    assert set(found.clip_ids[0][found.clip_ids[0] != None]) <= set(  # noqa: E711 (an object array)
+        spark.read.format("delta").load(table).filter(f"list_id = {int(probe[0, 0])}").toPandas()["clip_id"])
+    # An incremental run appends new clips: each code in its list, in its list's shard.
+    new = synthetic(300, 9, "new")
+    write_embeddings(spark, lake / "embeddings", new)
+    run_job_main("encode", cfg)
+    codes = spark.read.format("delta").load(table).toPandas().set_index("clip_id")
+    assert len(codes) == N_DB + 300 and codes.index.is_unique
+    added = codes.loc[new["clip_id"]]
+    lists = ivf.assign_lists(q.query_side(np.stack(new["embedding"].to_numpy()).astype(np.float32)), q.ivf_centroids)
+    assert added["list_id"].tolist() == lists.tolist()
+    assert added["shard"].tolist() == shard_of_lists(lists, NLIST, N_SHARDS).tolist()

@@ -91,6 +91,9 @@ class TrainSettings:
     unlabeled_splits: list[str] = field(default_factory=list)
     # Classes whose labels training never sees (the unseen-class protocol of Sablayrolles et al.).
     unlabeled_classes: list[str] = field(default_factory=list)
+    # Lists of the inverted file trained with the model (audiohash.ivf): 0 = none (every query scans
+    # every code), -1 = about 4 * sqrt(training rows), or a number. PQ, OPQ and the DQN family only.
+    ivf_lists: int = 0
 
 
 @dataclass
@@ -115,6 +118,7 @@ class QuerySettings:
     memory_budget_mb: int = 1024  # driver memory for one batch's candidates and tables
     results_r: int = 100  # ranks per query written to the results table
     float_reference: bool = True  # recall@R against exact float search (collects the database)
+    nprobe: int = 16  # lists probed per query where the model has an inverted file; 0 = every code
 
 
 @dataclass

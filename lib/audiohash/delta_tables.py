@@ -69,6 +69,8 @@ class TableState:
     # through Spark (a table on other storage: Spark lists the files when it reads them).
     files: tuple[str, ...] | None = None
     sizes: tuple[int, ...] | None = None
+    # Each file's partition values ({column: value}), in the order of ``files``; None with files None.
+    partitions: tuple[dict, ...] | None = None
 
 
 def _open(path: str, version: int | None = None):
@@ -96,13 +98,16 @@ def table_state(path: str, version: int | None = None) -> TableState:
 
 def _state(table) -> TableState:
     protocol, metadata = table.protocol(), table.metadata()
-    adds = pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes"]).to_pydict()
+    adds = pa.table(table.get_add_actions(flatten=True))
+    columns = list(metadata.partition_columns)
+    values = adds.select([f"partition.{c}" for c in columns]).to_pylist() if columns else [{}] * adds.num_rows
     root = local_path(table.table_uri)
-    files = tuple(file_uri(os.path.join(root, urllib.parse.unquote(p))) for p in adds["path"])
+    files = tuple(file_uri(os.path.join(root, urllib.parse.unquote(p))) for p in adds.column("path").to_pylist())
     return TableState(int(table.version()), metadata.id, int(protocol.min_reader_version),
-                      int(protocol.min_writer_version), list(metadata.partition_columns),
-                      dict(metadata.configuration), json.loads(table.schema().to_json()), files,
-                      tuple(int(s) for s in adds["size_bytes"]))
+                      int(protocol.min_writer_version), columns, dict(metadata.configuration),
+                      json.loads(table.schema().to_json()), files,
+                      tuple(int(s) for s in adds.column("size_bytes").to_pylist()),
+                      tuple({c: v[f"partition.{c}"] for c in columns} for v in values))
 
 
 def history(path: str, limit: int | None = None) -> list[dict]:

@@ -143,23 +143,36 @@ def first_duplicate(values: pa.Array | pa.ChunkedArray) -> str | None:
 def encode_batch(batch: pa.RecordBatch, quantizer: Quantizer, n_shards: int) -> pa.RecordBatch:
     """Rows (clip_id, label, embedding) -> rows of ``schemas.ENCODED_DDL`` (with the row's
     ``fingerprint`` as source_hash), one per encodable row (see ``encodable_rows``); the others are
-    dropped here and found later by the Spark layer as the rows without a code."""
+    dropped here and found later by the Spark layer as the rows without a code. With an inverted
+    file, each row gets its list and the shard of its list range (``shard_of_lists``)."""
     missing = [c for c in ENCODE_INPUT_COLUMNS if c not in batch.schema.names]
     if missing:
         raise AudiohashError(f"encode batch: missing columns {missing} (has {batch.schema.names})")
     mask, x = encodable_rows(batch.column("embedding"), quantizer.input_dim)
     codes = np.zeros((len(x), quantizer.code_size), np.uint8)
+    lists = np.zeros(len(x), np.int32) if quantizer.nlist else None
     for start in range(0, len(x), ENCODE_CHUNK_ROWS):
-        codes[start: start + ENCODE_CHUNK_ROWS] = quantizer.encode(x[start: start + ENCODE_CHUNK_ROWS])
+        chunk = slice(start, start + ENCODE_CHUNK_ROWS)
+        codes[chunk], chunk_lists = quantizer.encode_with_lists(x[chunk])
+        if lists is not None:
+            lists[chunk] = chunk_lists
     # Fingerprints of the whole batch, then kept by row: filtering the embeddings would copy them.
     hashes = fingerprint(batch.column("embedding"), batch.column("label"))
     keep = None if mask.all() else pa.array(mask)
     clip_ids, labels = (batch.column(c) if keep is None else batch.column(c).filter(keep) for c in ("clip_id", "label"))
+    shards = shard_of(clip_ids.to_pylist(), n_shards) if lists is None else shard_of_lists(lists, quantizer.nlist,
+                                                                                           n_shards)
     return pa.RecordBatch.from_arrays(
-        [clip_ids, pa.array(shard_of(clip_ids.to_pylist(), n_shards), pa.int32()), binary_column(codes), labels,
-         pa.array(hashes[mask], pa.int64())],
+        [clip_ids, pa.array(shards, pa.int32()), binary_column(codes), labels, pa.array(hashes[mask], pa.int64()),
+         pa.nulls(len(x), pa.int32()) if lists is None else pa.array(lists, pa.int32())],
         names=ENCODED_COLUMNS,
     )
+
+
+def shard_of_lists(lists: np.ndarray, nlist: int, n_shards: int) -> np.ndarray:
+    """The shard of each code of an inverted file: its list's range (lists l with l * n_shards //
+    nlist = s are shard s), so a probed list is in one partition: int32 like ``lists``."""
+    return (np.asarray(lists, np.int64) * n_shards // max(1, nlist)).astype(np.int32)
 
 
 def code_table_batch(encoded: pa.RecordBatch, lineage: "Lineage", encoded_at: dt.datetime) -> pa.RecordBatch:

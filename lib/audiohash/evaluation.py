@@ -8,9 +8,11 @@ from audiohash import metrics
 
 
 def ranked_positions(ranked_clip_ids: np.ndarray, db_clip_ids: np.ndarray) -> np.ndarray:
-    """Clip ids object (nq, R) -> int64 positions in ``db_clip_ids`` (which must be sorted)."""
-    pos = np.searchsorted(db_clip_ids, ranked_clip_ids)
-    return pos.astype(np.int64)
+    """Clip ids object (nq, R) -> int64 positions in ``db_clip_ids`` (which must be sorted); -1 for
+    None (a rank no code filled: an inverted-file scan found fewer codes in its probed lists)."""
+    missing = np.equal(ranked_clip_ids, None)
+    pos = np.searchsorted(db_clip_ids, np.where(missing, db_clip_ids[0] if len(db_clip_ids) else "", ranked_clip_ids))
+    return np.where(missing, -1, pos).astype(np.int64)
 
 
 def exact_float_topk(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from audiohash import delta_tables
+from audiohash import delta_tables, ivf
 from audiohash.bundle import ModelBundle, refuse_other_extractor
 from audiohash.encoding import (HISTORY_DEPTH, Lineage, code_table_batch, encode_batch, lineage_at,
                                 select_splits)
@@ -112,15 +112,20 @@ def code_table_lineage(codes_table: str, version: int | None = None) -> tuple[in
     return version, lineage_at(history, version)
 
 
-def search_table(codes_table: str, bundle: ModelBundle, queries: np.ndarray, k: int,
-                 version: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def search_table(codes_table: str, bundle: ModelBundle, queries: np.ndarray, k: int, version: int | None = None,
+                 nprobe: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of every query over one version (latest: None) of a local code table, as the query
     job ranks them: D float32 (nq, k'), clip ids object (nq, k') by (distance, clip_id), and the
-    version scanned. queries: float32 (nq, d) embeddings. Codes of another model are refused."""
+    version scanned. queries: float32 (nq, d) embeddings. Codes of another model are refused.
+    nprobe > 0, for a model with lists: only the codes of each query's ``nprobe`` nearest lists."""
     version, lineage = code_table_lineage(codes_table, version)
     check_lineage(lineage, codes_table, version, bundle)
-    state = version_state(codes_table, version, CODE_COLUMNS)
     quantizer = bundle.quantizer
-    part = scan_partition(read_parquet_files(state.files, CODE_COLUMNS), quantizer, quantizer.query_side(queries), k)
+    nprobe = min(nprobe, quantizer.nlist)
+    columns = [*CODE_COLUMNS, "list_id"] if nprobe else CODE_COLUMNS
+    state = version_state(codes_table, version, columns)
+    query_side = quantizer.query_side(queries)
+    probes = ivf.nearest_lists(query_side, quantizer.ivf_centroids, nprobe) if nprobe else None
+    part = scan_partition(read_parquet_files(state.files, columns), quantizer, query_side, k, probes)
     D, ids = merge_topk([part], k)
     return D, ids, state.version

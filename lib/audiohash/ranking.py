@@ -29,22 +29,38 @@ class PartitionTopK:
     local_ids: np.ndarray
     clip_ids: pa.Array  # string array of the partition's clips that the ranking refers to
     scanned_rows: int = 0  # code rows the task read
+    compared: int = 0  # (query, code) pairs whose distance it computed: scanned_rows x nq when exhaustive
     seconds: float = 0.0  # the task's time, set by the Spark layer (audiohash.spark.stats)
 
 
-def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, query_side: np.ndarray, k: int) -> PartitionTopK:
-    """Scan all (clip_id, code) rows of one partition against every query; keep the top k."""
+def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, query_side: np.ndarray, k: int,
+                   probes: np.ndarray | None = None) -> PartitionTopK:
+    """Scan all (clip_id, code) rows of one partition against every query; keep the top k.
+    probes: int64 (nq, nprobe) lists per query (``ivf.nearest_lists``): only the codes of those lists
+    are scanned (the rows then carry list_id); None: every code."""
     batches = [b for b in batches if b.num_rows]
     nq = len(query_side)
     if not batches:
         return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), pa.array([], pa.string()))
     codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
     clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
-    D, I = partition_topk(quantizer, codes, clip_ids, query_side, k)
-    # Ship only the clips that made someone's top-k, renumbered 0..u-1.
-    used, local = np.unique(I, return_inverse=True)
-    return PartitionTopK(D, local.reshape(I.shape).astype(np.int32), clip_ids.take(pa.array(used)),
-                         scanned_rows=len(codes))
+    if probes is None:
+        D, I = partition_topk(quantizer, codes, clip_ids, query_side, k)
+        compared = len(codes) * nq
+    else:
+        lists = np.concatenate([b.column("list_id").to_numpy(zero_copy_only=False) for b in batches]).astype(np.int32)
+        D, I = probed_topk(quantizer, codes, lists, clip_ids, query_side, probes, k)
+        compared = int(np.bincount(lists, minlength=quantizer.nlist)[probes].sum())
+    # Ship only the clips that made someone's top-k, renumbered 0..u-1 (fewer than k codes in the
+    # probed lists: I = -1, distance +inf, shipped as clip 0 and dropped by the merge).
+    found = I >= 0
+    if not found.any():
+        return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), pa.array([], pa.string()),
+                             len(codes), compared=compared)
+    used = np.unique(I[found])
+    local = np.where(found, np.searchsorted(used, np.where(found, I, used[0])), 0)
+    return PartitionTopK(D, local.astype(np.int32), clip_ids.take(pa.array(used)), scanned_rows=len(codes),
+                         compared=compared)
 
 
 def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, query_side: np.ndarray,
@@ -64,6 +80,20 @@ def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, 
     return quantizer.scan(codes, query_side, min(k, len(codes)))
 
 
+def probed_topk(quantizer: Quantizer, codes: np.ndarray, lists: np.ndarray, clip_ids: pa.Array,
+                query_side: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``partition_topk`` over the codes of the lists each query probes (``ivf.scan_lists``): rows
+    in clip_id order, so equal distances keep the lowest clip_id as far as faiss's heap allows."""
+    from audiohash import ivf
+
+    index = ivf.ivf_index(quantizer.ivf_centroids, quantizer.centroids)
+    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
+        order = pc.sort_indices(clip_ids).to_numpy().astype(np.int64)
+        D, I = ivf.scan_lists(index, codes[order], lists[order], query_side, probes, min(k, len(codes)))
+        return D, np.where(I >= 0, order[np.maximum(I, 0)], -1)
+    return ivf.scan_lists(index, codes, lists, query_side, probes, min(k, len(codes)))
+
+
 def partition_record(part: PartitionTopK) -> pa.RecordBatch:
     """PartitionTopK -> one Arrow row of ``schemas.SCAN_OUTPUT_DDL``."""
     offsets = pa.array([0, len(part.clip_ids)], pa.int32())
@@ -74,7 +104,8 @@ def partition_record(part: PartitionTopK) -> pa.RecordBatch:
         pa.ListArray.from_arrays(offsets, part.clip_ids.cast(pa.string())),
         pa.array([part.scanned_rows], pa.int64()),
         pa.array([part.seconds], pa.float64()),
-    ], names=["n_rows", "distances", "local_ids", "clip_ids", "scanned_rows", "scan_s"])
+        pa.array([part.compared], pa.int64()),
+    ], names=["n_rows", "distances", "local_ids", "clip_ids", "scanned_rows", "scan_s", "compared"])
 
 
 def partitions_from_table(table: pa.Table, nq: int) -> list[PartitionTopK]:
@@ -87,8 +118,9 @@ def partitions_from_table(table: pa.Table, nq: int) -> list[PartitionTopK]:
             np.frombuffer(table.column("distances")[row].as_py(), np.float32).reshape(nq, k),
             np.frombuffer(table.column("local_ids")[row].as_py(), np.int32).reshape(nq, k),
             clip_lists[row].values,
-            table.column("scanned_rows")[row].as_py(),
-            table.column("scan_s")[row].as_py(),
+            scanned_rows=table.column("scanned_rows")[row].as_py(),
+            compared=table.column("compared")[row].as_py(),
+            seconds=table.column("scan_s")[row].as_py(),
         ))
     return out
 
@@ -150,9 +182,11 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
     pick = np.lexsort((O, D), axis=-1)[:, :keep]
     D = np.take_along_axis(D, pick, axis=1)
     O = np.take_along_axis(O, pick, axis=1)
-    # Only the kept ids become Python strings.
-    ids = all_ids.take(pa.array(order[O.ravel()])).to_numpy(zero_copy_only=False)
-    return D, ids.reshape(O.shape)
+    # Only the kept ids become Python strings; places no code filled (fewer than k codes in the
+    # probed lists) hold None at distance +inf.
+    ids = all_ids.take(pa.array(order[O.ravel()])).to_numpy(zero_copy_only=False).reshape(O.shape)
+    ids[~np.isfinite(D)] = None
+    return D, ids
 
 
 def ranking_mismatch(D: np.ndarray, ids: np.ndarray, D_ref: np.ndarray, ids_ref: np.ndarray, complete: bool,

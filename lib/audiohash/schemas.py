@@ -32,22 +32,24 @@ REJECTS_DDL = (
 
 CODES_DDL = (
     "clip_id string, shard int, code binary, label string, model_name string, model_version int, "
-    "embedding_version long, encoded_at timestamp, source_hash long, encode_run_id string"
+    "embedding_version long, encoded_at timestamp, source_hash long, encode_run_id string, list_id int"
 )
 # source_hash: ``encoding.fingerprint`` of the (embedding, label) the code was made from; incremental
 # encode compares it with the embeddings table's rows to find changed ones. encode_run_id: the MLflow
 # run of jobs/encode.py that wrote the row (lineage: that run names the model version and the
-# Delta versions it read and wrote).
+# Delta versions it read and wrote). list_id: the code's inverted-file list (``audiohash.ivf``), null
+# where the model has no lists; with lists, shard is the list's range (``encoding.shard_of_lists``),
+# so the codes of one list sit in one partition.
 
 # What the encode worker returns per embedding row; the Spark layer adds the columns that are the
 # same for every row of a run (model, versions, time, run id) as literals.
 ENCODE_INPUT_COLUMNS = ["clip_id", "label", "embedding"]
-ENCODED_DDL = "clip_id string, shard int, code binary, label string, source_hash long"
+ENCODED_DDL = "clip_id string, shard int, code binary, label string, source_hash long, list_id int"
 
 # One row per (partition, query batch) of the scan: arrays, never a row per candidate.
 # ``scanned_rows`` / ``scan_s``: the task's rows and seconds (``audiohash.spark.stats``).
 SCAN_OUTPUT_DDL = ("n_rows long, distances binary, local_ids binary, clip_ids array<string>, "
-                   "scanned_rows long, scan_s double")
+                   "scanned_rows long, scan_s double, compared long")
 
 RESULTS_DDL = (
     "query_id string, rank int, clip_id string, distance float, run_id string, "

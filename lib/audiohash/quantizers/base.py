@@ -53,6 +53,7 @@ class Quantizer(abc.ABC):
     method: ClassVar[str]
     metric: ClassVar[str]  # "adc" | "hamming"
     supervised: ClassVar[bool] = False
+    has_lists: ClassVar[bool] = False  # codes an inverted file can hold (``audiohash.ivf``)
 
     def __init__(self, n_bits: int, seed: int = 0):
         if n_bits <= 0 or n_bits % 8:
@@ -63,6 +64,8 @@ class Quantizer(abc.ABC):
         # Inputs are standardized with statistics of the training set; stored in the bundle.
         self.input_mean: np.ndarray | None = None
         self.input_std: np.ndarray | None = None
+        # The inverted file's coarse centroids (nlist, code_dim) in the code space; None: no lists.
+        self.ivf_centroids: np.ndarray | None = None
 
     @property
     def code_size(self) -> int:
@@ -108,6 +111,26 @@ class Quantizer(abc.ABC):
     def _load_state(self, params: dict, arrays: dict[str, np.ndarray], torch_state: dict | None) -> None:
         """Inverse of ``_state``."""
 
+    # ---- the inverted file (audiohash.ivf) ------------------------------------------------------
+    @property
+    def nlist(self) -> int:
+        """Lists of the inverted file; 0: none (every scan is exhaustive)."""
+        return 0 if self.ivf_centroids is None else len(self.ivf_centroids)
+
+    def fit_lists(self, x: np.ndarray, nlist: int) -> "Quantizer":
+        """Train ``nlist`` coarse centroids on the code-space vectors of x (n, d), seeded."""
+        from audiohash import ivf
+
+        if not self.has_lists:
+            raise AudiohashError(f"{self.method}: its codes have no inverted file (binary and 4-bit fast-scan "
+                                 f"codes are scanned exhaustively); set train.ivf_lists=0")
+        self.ivf_centroids = ivf.train_centroids(self.query_side(x), nlist, self.seed)
+        return self
+
+    def encode_with_lists(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Codes uint8 (n, code_size) of x (n, d) and their lists int32 (n,) (None: no lists)."""
+        return self.encode(x), None
+
     # ---- shared plumbing ----------------------------------------------------------------------
     def scan(self, codes: np.ndarray, query_side: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Rank codes (n, code_size) uint8 for each query: D (nq, k) float32, I (nq, k) int64 row numbers.
@@ -143,6 +166,8 @@ class Quantizer(abc.ABC):
         params, arrays, torch_state = self._state()
         params = {"n_bits": self.n_bits, "seed": self.seed, "input_dim": self.input_dim, **params}
         arrays = {"input_mean": self.input_mean, "input_std": self.input_std, **arrays}
+        if self.ivf_centroids is not None:
+            arrays["ivf_centroids"] = self.ivf_centroids
         return QuantizerState(self.method, params, arrays, torch_state)
 
     @classmethod
@@ -153,7 +178,9 @@ class Quantizer(abc.ABC):
         q.input_dim = int(params.pop("input_dim"))
         q.input_mean = np.asarray(state.arrays["input_mean"], np.float32)
         q.input_std = np.asarray(state.arrays["input_std"], np.float32)
-        arrays = {k: v for k, v in state.arrays.items() if k not in ("input_mean", "input_std")}
+        q.ivf_centroids = (np.asarray(state.arrays["ivf_centroids"], np.float32) if "ivf_centroids" in state.arrays
+                           else None)
+        arrays = {k: v for k, v in state.arrays.items() if k not in ("input_mean", "input_std", "ivf_centroids")}
         q._load_state(params, arrays, state.torch_state)
         return q
 
@@ -166,6 +193,7 @@ class AdcQuantizer(Quantizer):
     """
 
     metric = "adc"
+    has_lists = True
     centroids_per_subspace: ClassVar[int] = CENTROIDS_PER_SUBSPACE  # k-means needs at least this many rows
     centroids: np.ndarray
 
@@ -185,6 +213,13 @@ class AdcQuantizer(Quantizer):
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         return self._product_quantizer().compute_codes(np.ascontiguousarray(self.transform(x)))
+
+    def encode_with_lists(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        from audiohash import ivf
+
+        z = np.ascontiguousarray(self.transform(x), np.float32)  # once: for DQN a network forward pass
+        codes = self._product_quantizer().compute_codes(z)
+        return codes, None if self.ivf_centroids is None else ivf.assign_lists(z, self.ivf_centroids)
 
     def query_side(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.transform(x), dtype=np.float32)

@@ -43,6 +43,7 @@ class PQFastScan(PQ):
 
     method = "pq_fastscan"
     centroids_per_subspace = 16
+    has_lists = False  # 4-bit codes: scanned exhaustively (an IVF fast-scan index is future work)
 
     @property
     def n_subspaces(self) -> int:

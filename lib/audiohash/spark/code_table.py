@@ -51,13 +51,17 @@ def changed_rows(rows: DataFrame, codes_table: str) -> DataFrame:
                          F.when(changed, F.col("embedding")).alias("embedding"))
 
 
-def merge_codes(spark: SparkSession, codes_table: str, source: DataFrame, lineage: Lineage) -> tuple[int, int, int]:
-    """Apply ``source`` (code rows plus ``_delete``: true = remove that (clip_id, shard)) to the
-    code table in one MERGE commit. Returns (version, rows inserted or updated, rows deleted)."""
+def merge_codes(spark: SparkSession, codes_table: str, source: DataFrame, lineage: Lineage,
+                has_lists: bool) -> tuple[int, int, int]:
+    """Apply ``source`` (code rows plus ``_delete``: true = remove that clip's code) to the code
+    table in one MERGE commit. Returns (version, rows inserted or updated, rows deleted).
+    ``has_lists``: the model has an inverted file, so a changed clip may move to another list's
+    shard: rows are matched by clip_id alone (else by shard too, which prunes the target files)."""
     values = {c: f"s.{c}" for c in CODES_COLUMNS}
+    match = "t.clip_id = s.clip_id" if has_lists else "t.shard = s.shard AND t.clip_id = s.clip_id"
     with session_conf(spark, {USER_METADATA_CONF: lineage.to_json()}):  # MERGE takes no writer options
         (DeltaTable.forPath(spark, codes_table).alias("t")
-         .merge(source.alias("s"), "t.shard = s.shard AND t.clip_id = s.clip_id")
+         .merge(source.alias("s"), match)
          .whenMatchedDelete(condition="s._delete")
          .whenMatchedUpdate(set=values)
          .whenNotMatchedInsert(condition="NOT s._delete", values=values)

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 
 from audiohash import delta_tables
 from audiohash.bundle import ModelBundle
-from audiohash.encoding import HISTORY_DEPTH, EncodePlan, Lineage, first_duplicate, lineage_at, plan_encode
+from audiohash.encoding import CODES_COLUMNS, HISTORY_DEPTH, EncodePlan, Lineage, first_duplicate, lineage_at, plan_encode
 from audiohash.errors import AudiohashError
 from audiohash.spark.code_table import DELTA_CONFLICTS, commit_metrics, changed_rows, merge_codes, write_rejects
 from audiohash.spark.code_writer import code_rows, count_coded, encode_frame, write_code_files
@@ -132,6 +132,11 @@ def encode_codes(spark: SparkSession, bundle: ModelBundle, params: EncodeParams)
     if table_exists(spark, codes_table):
         history = table_history(spark, codes_table, HISTORY_DEPTH)
         previous, current = history[0]["version"], lineage_at(history)
+        columns = {f["name"] for f in table_state(spark, codes_table).schema.get("fields", [])}
+        if current is not None and not set(CODES_COLUMNS) <= columns:  # written before list_id existed
+            log.warning("code table %s lacks columns %s: re-encoding every row", codes_table,
+                        sorted(set(CODES_COLUMNS) - columns))
+            mode = "full"
     appended = None
     local = local_table(spark, embeddings_table)
     if (mode == "incremental" and current is not None and requested.same_index(current)
@@ -229,7 +234,8 @@ def _append(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_ta
     encoded, left_out = encode_frame(rows, bundle, lineage.n_shards, batch_rows)
     codes = code_rows(encoded, lineage, encoded_at)
     if known:  # some appended clips already have a code: replace those rows
-        version, n_codes, _ = merge_codes(spark, codes_table, codes.withColumn("_delete", F.lit(False)), lineage)
+        version, n_codes, _ = merge_codes(spark, codes_table, codes.withColumn("_delete", F.lit(False)), lineage,
+                                          bundle.quantizer.nlist > 0)
     else:  # only new clips: a blind append, the cheapest commit
         codes.write.format("delta").mode("append").option("userMetadata", lineage.to_json()).save(codes_table)
         version, metrics = commit_metrics(spark, codes_table)
@@ -261,7 +267,8 @@ def _compare(spark: SparkSession, plan: EncodePlan, bundle: ModelBundle, codes_t
             try:
                 if source.isEmpty():
                     return _Written(None, reason=f"{plan.reason}, but no row's fingerprint changed")
-                version, n_codes, n_deleted = merge_codes(spark, codes_table, source, lineage)
+                version, n_codes, n_deleted = merge_codes(spark, codes_table, source, lineage,
+                                                          bundle.quantizer.nlist > 0)
             finally:
                 source.unpersist()
         finally:

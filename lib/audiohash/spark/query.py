@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
-from audiohash import faults
+from audiohash import faults, ivf
 from audiohash.bundle import ModelBundle, bundle_to_bytes, refuse_other_extractor
 from audiohash.config import QuerySettings
+from audiohash.encoding import shard_of_lists
 from audiohash.ranking import (check_lineage, merge_topk, partition_record, partitions_from_table, plan_query_batches,
                                scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
@@ -46,6 +48,9 @@ class ScanParams:
     query_batch: int = QuerySettings.query_batch
     memory_budget_mb: int = QuerySettings.memory_budget_mb
     direct_read: bool = True
+    # Lists of the inverted file each query probes (``audiohash.ivf``), for a model that has lists;
+    # 0, or a model without lists: every code is scanned.
+    nprobe: int = QuerySettings.nprobe
 
 
 @dataclass
@@ -56,7 +61,8 @@ class ScanResult:
     clip_ids: np.ndarray  # object (nq, k'): ties at equal distance by clip_id
     version: int  # the code table version every query batch read
     files_read: int | None  # data files the scan tasks read themselves; None: Spark's Delta reader fed them
-    codes_per_query: int  # code rows each query was compared with
+    codes_per_query: float  # codes each query was compared with (mean over queries)
+    nprobe: int = 0  # lists probed per query; 0: exhaustive
 
 
 def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, scan: ScanParams,
@@ -78,17 +84,20 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     # version: a new model version is a full reindex); checked before anything is scanned.
     version, lineage = code_table_state(spark, codes_table)
     check_lineage(lineage, codes_table, version, bundle)
-    codes = (spark.read.format("delta").option("versionAsOf", version).load(codes_table)
-             .select("clip_id", "code"))
+    quantizer = bundle.quantizer
+    nprobe = min(scan.nprobe, quantizer.nlist)
+    columns = ["clip_id", "code", "list_id"] if nprobe else ["clip_id", "code"]
+    table_rows = spark.read.format("delta").option("versionAsOf", version).load(codes_table)
+    codes = table_rows.select(*columns)
     if k >= 100_000:  # "whole database": size the batches by the table (a metadata-only count)
         k = min(k, codes.count())
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    state = table_state(spark, codes_table)
     groups = None  # data files per scan task, when the tasks read them directly
     if scan.direct_read:
-        groups = direct_read_groups(codes, table_state(spark, codes_table), ["clip_id", "code"], SCAN_TASK_BYTES,
-                                    version)
+        groups = direct_read_groups(codes, state, columns, SCAN_TASK_BYTES, version)
     if groups is not None:
         groups = groups or [[]]  # an empty table: one task that scans nothing
         n_files = len(groups)
@@ -96,52 +105,71 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
         # The table's file count bounds its scan partitions (Spark packs small files together) and
         # is read from Delta's metadata, while counting the partitions would plan the whole scan.
         n_files = DeltaTable.forPath(spark, codes_table).detail().select("numFiles").first()[0]
-    log.info("scanning %s v%d: %s", codes_table, version, f"{sum(map(len, groups))} files read by {len(groups)} tasks"
-             if groups is not None else "rows from Spark's Delta reader")
-    batches = plan_query_batches(len(queries), query_batch, k, n_files,
-                                 bundle.quantizer.code_size * 256 * 4, memory_budget_mb << 20)
-    all_D, all_ids, scanned = [], [], 0
+    log.info("scanning %s v%d: %s%s", codes_table, version, f"{sum(map(len, groups))} files read by {len(groups)} "
+             f"tasks" if groups is not None else "rows from Spark's Delta reader",
+             f", {nprobe} of {quantizer.nlist} lists per query" if nprobe else "")
+    batches = plan_query_batches(len(queries), query_batch, k, n_files, quantizer.code_size * 256 * 4,
+                                 memory_budget_mb << 20)
+    all_D, all_ids, compared, files_read = [], [], 0, set()
     for b, (start, stop) in enumerate(batches):
         started = time.time()
-        query_side = bundle.quantizer.query_side(queries[start:stop])
-        shipped = sc.broadcast(query_side)
+        query_side = quantizer.query_side(queries[start:stop])
+        probes = ivf.nearest_lists(query_side, quantizer.ivf_centroids, nprobe) if nprobe else None
+        shipped = sc.broadcast((query_side, probes))
+        batch_groups, batch_rows = groups, codes
+        if nprobe:  # only the shards of the probed lists (a shard holds a range of lists)
+            shards = set(shard_of_lists(probes, quantizer.nlist, lineage.n_shards).ravel().tolist())
+            batch_rows = table_rows.filter(F.col("shard").isin(sorted(shards))).select(*columns)
+            if groups is not None:
+                batch_groups = direct_read_groups(batch_rows, state, columns, SCAN_TASK_BYTES, version,
+                                                  keep=lambda partition: partition.get("shard") in shards) or [[]]
 
         def scan(batches, shipped=shipped):
             from audiohash.bundle import cached_bundle_from_bytes
 
             task_started = time.perf_counter()
             faults.point("scan.task")
-            quantizer = cached_bundle_from_bytes(payload.value).quantizer
+            task_quantizer = cached_bundle_from_bytes(payload.value).quantizer
             set_worker_threads(task_cpus)
-            part = scan_partition(batches, quantizer, shipped.value, k)
+            query_side, probes = shipped.value
+            part = scan_partition(batches, task_quantizer, query_side, k, probes)
             part.seconds = time.perf_counter() - task_started
             return part
 
-        if groups is not None:
-            def scan_files(i, scan=scan):  # runs in task i: reads and scans the files groups[i]
-                yield partition_record(scan(read_parquet_files(groups[i], ["clip_id", "code"])))
+        if batch_groups is not None:
+            def scan_files(i, scan=scan, batch_groups=batch_groups):  # runs in task i: reads and scans its files
+                yield partition_record(scan(read_parquet_files(batch_groups[i], columns)))
 
-            rows = indexed_tasks(spark, len(groups), scan_files, SCAN_OUTPUT_DDL)
+            rows = indexed_tasks(spark, len(batch_groups), scan_files, SCAN_OUTPUT_DDL)
+            files_read.update(uri for group in batch_groups for uri in group)
         else:
             def scan_rows(batches, scan=scan):
                 yield partition_record(scan(batches))
 
-            rows = codes.mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
+            rows = batch_rows.mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
         with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
             parts = partitions_from_table(rows.toArrow(), stop - start)
         if stats is not None:
             stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
                                      [p.seconds for p in parts])
         D, ids = merge_topk(parts, k)
-        scanned = sum(p.scanned_rows for p in parts)
+        compared += sum(p.compared for p in parts)
         all_D.append(D)
         all_ids.append(ids)
         shipped.unpersist()
         log.info("query batch %d/%d: %d queries, top-%d of %s v%d in %.2f s", b + 1, len(batches), stop - start,
                  D.shape[1], codes_table, version, time.time() - started)
     payload.unpersist()
-    return ScanResult(np.vstack(all_D), np.vstack(all_ids), version,
-                      None if groups is None else sum(map(len, groups)), scanned)
+    return ScanResult(_stack(all_D, np.inf), _stack(all_ids, None), version,
+                      None if groups is None else len(files_read), compared / max(1, len(queries)), nprobe)
+
+
+def _stack(blocks: list[np.ndarray], fill) -> np.ndarray:
+    """Query batches' (nq_b, k_b) rankings as one (nq, max k_b) array: an inverted-file scan may
+    fill fewer ranks in one batch than in another (the rest: ``fill``)."""
+    width = max(block.shape[1] for block in blocks)
+    return np.vstack([np.pad(block.astype(object) if fill is None else block, ((0, 0), (0, width - block.shape[1])),
+                             constant_values=fill) for block in blocks])
 
 
 def append_results(spark: SparkSession, results_table: str, query_ids: np.ndarray, ranked_ids: np.ndarray,
@@ -194,6 +222,7 @@ class QueryParams:
     results_r: int = QuerySettings.results_r  # ranks per query written to the results table
     evaluate: bool = QuerySettings.evaluate
     float_reference: bool = QuerySettings.float_reference  # recall@R against exact float search
+    nprobe: int = QuerySettings.nprobe  # inverted-file lists per query (a model with lists); 0 = every code
     run_id: str = ""  # the MLflow run, written with every result row
 
     @classmethod
@@ -201,7 +230,7 @@ class QueryParams:
         q = cfg.query
         params = cls(cfg.lake.table("embeddings"), cfg.lake.table("codes"), cfg.lake.table("results"), q.split,
                      tuple(cfg.encode.splits), q.top_r, q.query_batch, q.memory_budget_mb, q.results_r, q.evaluate,
-                     q.float_reference)
+                     q.float_reference, q.nprobe)
         return dataclasses.replace(params, **changes)
 
 
@@ -222,13 +251,13 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     refuse_other_extractor(extractor[1] if extractor else None, bundle, embeddings_table)
     started = time.time()
     scan_stats: list[PartitionStat] = []
-    scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb)
+    scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb, nprobe=p.nprobe)
     found = search_codes(spark, bundle, xq, scan, scan_stats)
     D, ranked_ids, codes_version = found.distances, found.clip_ids, found.version
     seconds = time.time() - started
     R = ranked_ids.shape[1]
     metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R,
-               "codes_per_query": found.codes_per_query}
+               "codes_per_query": found.codes_per_query, "nprobe": found.nprobe}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
     append_results(spark, p.results_table, query_ids, ranked_ids[:, :min(R, p.results_r)],
                    D[:, :min(R, p.results_r)], p.run_id, bundle)

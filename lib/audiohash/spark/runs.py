@@ -5,6 +5,7 @@ config logged, prints its one summary line and returns the MLflow run id (extrac
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,7 @@ def extract(cfg: Config) -> None:
 def train(cfg: Config) -> str:
     from audiohash.spark.tables import embeddings_extractor, read_embeddings
     from audiohash.tracking import log_and_register_bundle
+    from audiohash.ivf import default_nlist
     from audiohash.training import hide_labels, train_bundle
 
     spark = get_spark(cfg.spark)
@@ -45,6 +47,11 @@ def train(cfg: Config) -> str:
     with job_run(cfg, "train", run_name=f"train-{cfg.train.method}-{cfg.train.bits}b") as run:
         bundle, metrics = train_bundle(cfg.train.method, cfg.train.bits, x, labels, cfg.train.label_fraction,
                                        cfg.train.seed, cfg.train.hyper, cfg.model_name, meta)
+        if cfg.train.ivf_lists:  # the inverted file, in the code space of the trained model
+            nlist = default_nlist(len(x)) if cfg.train.ivf_lists < 0 else cfg.train.ivf_lists
+            started = time.time()
+            bundle.quantizer.fit_lists(x, nlist)
+            metrics.update({"ivf_lists": nlist, "ivf_train_s": time.time() - started})
         mlflow.log_params({"method": cfg.train.method, "bits": cfg.train.bits,
                            "label_fraction": cfg.train.label_fraction, "embeddings_version": version})
         mlflow.log_metrics(metrics)
