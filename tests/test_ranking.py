@@ -231,3 +231,41 @@ def test_results_batch_has_one_row_per_query_and_rank():
     assert set(batch.column("model_version").to_pylist()) == {7} and batch.column("model_version").type == pa.int32()
     empty = results_batch(np.array([], object), np.zeros((0, 3), object), np.zeros((0, 3)), "r", "m", 1)
     assert empty.num_rows == 0
+
+
+def test_listed_partitions_are_kept_per_worker_by_model_and_files():
+    """A second search over the same data files with the same model scans the lists in memory; another
+    model or other files list them again; at most LISTED_PARTITIONS_KEPT partitions are kept."""
+    from audiohash import ranking
+    from audiohash.quantizers import make_quantizer
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    models = [make_quantizer("pq", 32, seed=s).fit(x).fit_lists(x, 6) for s in (0, 1)]
+    reads = []
+
+    def reader(model, name):
+        def read():
+            reads.append(name)
+            codes, lists = model.encode_with_lists(x)
+            yield pa.RecordBatch.from_pydict({"clip_id": [f"{name}-{i:04d}" for i in range(len(x))],
+                                              "code": [bytes(c) for c in codes], "list_id": pa.array(lists)})
+        return read
+
+    ranking._LISTED.clear()
+    first = ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))
+    again = ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))
+    assert again is first and reads == ["a"] and first.rows == 600 and first.list_sizes.sum() == 600
+    ranking.cached_list_codes(("a.parquet",), models[1], reader(models[1], "a1"))  # another model
+    ranking.cached_list_codes(("b.parquet",), models[0], reader(models[0], "b"))  # other files
+    assert reads == ["a", "a1", "b"] and len(ranking._LISTED) == ranking.LISTED_PARTITIONS_KEPT
+    ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))  # evicted: read again
+    assert reads == ["a", "a1", "b", "a"]
+    # The kept lists rank as a fresh scan of the same rows does.
+    zq = models[0].query_side(x[:5])
+    probes = np.array([[0, 1]] * 5)
+    kept = ranking.probed_partition(ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a")),
+                                    zq, probes, 10)
+    fresh = ranking.scan_partition(reader(models[0], "a")(), models[0], zq, 10, probes)
+    assert np.array_equal(kept.distances, fresh.distances) and kept.clip_ids.equals(fresh.clip_ids)
+    ranking._LISTED.clear()

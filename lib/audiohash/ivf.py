@@ -67,25 +67,37 @@ def ivf_index(centroids: np.ndarray, pq_centroids: np.ndarray) -> faiss.IndexIVF
     return index
 
 
-def scan_lists(index: faiss.IndexIVFPQ, codes: np.ndarray, list_ids: np.ndarray, query_side: np.ndarray,
-               probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rank the codes uint8 (n, M) of lists int32 (n,) in the lists each query probes.
-
-    probes: int64 (nq, nprobe) lists per query (``nearest_lists``). Returns D float32 (nq, k) and I
-    int64 (nq, k) row numbers into ``codes``, padded with -1 / +inf where the probed lists hold
-    fewer than k codes. ``index`` (``ivf_index``) must be empty; it is filled here.
-    """
+def add_codes(index: faiss.IndexIVFPQ, codes: np.ndarray, list_ids: np.ndarray) -> None:
+    """Add codes uint8 (n, M) to lists int32 (n,) of an ``ivf_index``, as they are (ids 0..n-1)."""
     codes = np.ascontiguousarray(codes, np.uint8)
     n = len(codes)
-    if n == 0 or k <= 0:
-        nq = len(query_side)
-        return np.full((nq, max(k, 0)), np.inf, np.float32), np.full((nq, max(k, 0)), -1, np.int64)
+    if n == 0:
+        return
     # faiss's standalone code of an IVF entry: the list number (little endian, coarse_code_size
     # bytes) and then the PQ code.
     width = index.coarse_code_size()
     prefix = np.ascontiguousarray(list_ids, "<i8").view(np.uint8).reshape(n, 8)[:, :width]
     index.add_sa_codes(np.ascontiguousarray(np.hstack([prefix, codes])), np.arange(n, dtype=np.int64))
+
+
+def search_lists(index: faiss.IndexIVFPQ, query_side: np.ndarray, probes: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest codes of a filled ``ivf_index`` in the lists each query probes.
+
+    probes: int64 (nq, nprobe) lists per query (``nearest_lists``). Returns D float32 (nq, k) and I
+    int64 (nq, k) ids, padded with -1 / +inf where the probed lists hold fewer than k codes."""
+    nq = len(query_side)
+    if index.ntotal == 0 or k <= 0:
+        return np.full((nq, max(k, 0)), np.inf, np.float32), np.full((nq, max(k, 0)), -1, np.int64)
     index.nprobe = probes.shape[1]
     D, I = index.search_preassigned(np.ascontiguousarray(query_side, np.float32), k,
                                     np.ascontiguousarray(probes, np.int64), None)
     return np.where(I < 0, np.inf, D).astype(np.float32), I.astype(np.int64)
+
+
+def scan_lists(index: faiss.IndexIVFPQ, codes: np.ndarray, list_ids: np.ndarray, query_side: np.ndarray,
+               probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the codes uint8 (n, M) of lists int32 (n,) in the lists each query probes: ``add_codes``
+    to the empty ``index`` then ``search_lists``; I are row numbers into ``codes``."""
+    add_codes(index, codes, list_ids)
+    return search_lists(index, query_side, probes, k)

@@ -8,7 +8,7 @@ Arrow arrays throughout: a million Python strings per partition would cost more 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -37,30 +37,91 @@ def scan_partition(batches: Iterable[pa.RecordBatch], quantizer: Quantizer, quer
                    probes: np.ndarray | None = None) -> PartitionTopK:
     """Scan all (clip_id, code) rows of one partition against every query; keep the top k.
     probes: int64 (nq, nprobe) lists per query (``ivf.nearest_lists``): only the codes of those lists
-    are scanned (the rows then carry list_id); None: every code."""
+    are scanned (the rows then carry list_id: ``list_codes``, ``probed_partition``); None: every code."""
+    if probes is not None:
+        return probed_partition(list_codes(batches, quantizer), query_side, probes, k)
     batches = [b for b in batches if b.num_rows]
     nq = len(query_side)
     if not batches:
         return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), pa.array([], pa.string()))
     codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
     clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
-    if probes is None:
-        D, I = partition_topk(quantizer, codes, clip_ids, query_side, k)
-        compared = len(codes) * nq
-    else:
-        lists = np.concatenate([b.column("list_id").to_numpy(zero_copy_only=False) for b in batches]).astype(np.int32)
-        D, I = probed_topk(quantizer, codes, lists, clip_ids, query_side, probes, k)
-        compared = int(np.bincount(lists, minlength=quantizer.nlist)[probes].sum())
-    # Ship only the clips that made someone's top-k, renumbered 0..u-1 (fewer than k codes in the
-    # probed lists: I = -1, distance +inf, shipped as clip 0 and dropped by the merge).
+    D, I = partition_topk(quantizer, codes, clip_ids, query_side, k)
+    return _ranked_part(D, I, clip_ids, len(codes), len(codes) * nq)
+
+
+def _ranked_part(D: np.ndarray, I: np.ndarray, clip_ids: pa.Array, rows: int, compared: int) -> PartitionTopK:
+    """A partition's top-k (D, I row numbers into clip_ids) as shipped: only the clips that made
+    someone's top-k, renumbered 0..u-1 (fewer than k codes in the probed lists: I = -1, distance
+    +inf, shipped as clip 0 and dropped by the merge)."""
     found = I >= 0
     if not found.any():
+        nq = len(D)
         return PartitionTopK(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int32), pa.array([], pa.string()),
-                             len(codes), compared=compared)
+                             rows, compared=compared)
     used = np.unique(I[found])
     local = np.where(found, np.searchsorted(used, np.where(found, I, used[0])), 0)
-    return PartitionTopK(D, local.astype(np.int32), clip_ids.take(pa.array(used)), scanned_rows=len(codes),
+    return PartitionTopK(D, local.astype(np.int32), clip_ids.take(pa.array(used)), scanned_rows=rows,
                          compared=compared)
+
+
+@dataclass
+class ListedCodes:
+    """One partition's codes in their inverted-file lists, ready to be scanned again and again:
+    faiss's IVFPQ index holding them (row numbers = positions in clip_id order) and the clip ids."""
+
+    index: object  # faiss.IndexIVFPQ, filled
+    clip_ids: pa.Array  # sorted: faiss keeps the lowest row number among equal distances where it can
+    list_sizes: np.ndarray  # int64 (nlist,): codes per list, for the count of codes each query compares
+    rows: int
+
+
+def list_codes(batches: Iterable[pa.RecordBatch], quantizer: Quantizer) -> ListedCodes:
+    """(clip_id, code, list_id) rows -> ``ListedCodes`` (``ivf.ivf_index`` over the quantizer's
+    coarse centroids and codebooks; codes added as they are)."""
+    from audiohash import ivf
+
+    batches = [b for b in batches if b.num_rows]
+    index = ivf.ivf_index(quantizer.ivf_centroids, quantizer.centroids)
+    if not batches:
+        return ListedCodes(index, pa.array([], pa.string()), np.zeros(quantizer.nlist, np.int64), 0)
+    codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
+    clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
+    lists = np.concatenate([b.column("list_id").to_numpy(zero_copy_only=False) for b in batches]).astype(np.int32)
+    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
+        order = pc.sort_indices(clip_ids).to_numpy().astype(np.int64)
+        codes, lists, clip_ids = codes[order], lists[order], clip_ids.take(pa.array(order))
+    ivf.add_codes(index, codes, lists)
+    return ListedCodes(index, clip_ids, np.bincount(lists, minlength=quantizer.nlist), len(codes))
+
+
+def probed_partition(listed: ListedCodes, query_side: np.ndarray, probes: np.ndarray, k: int) -> PartitionTopK:
+    """The top k of the codes in the lists each query probes (``ivf.search_lists``)."""
+    from audiohash import ivf
+
+    D, I = ivf.search_lists(listed.index, query_side, probes, min(k, listed.rows))
+    return _ranked_part(D, I, listed.clip_ids, listed.rows, int(listed.list_sizes[probes].sum()))
+
+
+# Per Python worker: the partitions last listed, by (quantizer, data files). Delta data files never
+# change once written, so a query batch or a later search over the same files of the same model
+# scans the lists already in memory instead of reading and adding them again.
+_LISTED: dict[tuple, tuple[Quantizer, ListedCodes]] = {}
+LISTED_PARTITIONS_KEPT = 2
+
+
+def cached_list_codes(files: tuple[str, ...], quantizer: Quantizer,
+                      read: Callable[[], Iterable[pa.RecordBatch]]) -> ListedCodes:
+    """``list_codes`` of the rows ``read()`` gives for these data files, kept per worker (the
+    quantizer is held with the entry, so its id cannot name another model while the entry lives)."""
+    key = (id(quantizer), files)
+    if key not in _LISTED:
+        while len(_LISTED) >= LISTED_PARTITIONS_KEPT:
+            _LISTED.pop(next(iter(_LISTED)))
+        _LISTED[key] = (quantizer, list_codes(read(), quantizer))
+    else:
+        _LISTED[key] = _LISTED.pop(key)  # most recently used last
+    return _LISTED[key][1]
 
 
 def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, query_side: np.ndarray,
@@ -78,20 +139,6 @@ def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, 
         D, I = quantizer.scan(codes[order], query_side, min(k, len(codes)))
         return D, order[I]
     return quantizer.scan(codes, query_side, min(k, len(codes)))
-
-
-def probed_topk(quantizer: Quantizer, codes: np.ndarray, lists: np.ndarray, clip_ids: pa.Array,
-                query_side: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``partition_topk`` over the codes of the lists each query probes (``ivf.scan_lists``): rows
-    in clip_id order, so equal distances keep the lowest clip_id as far as faiss's heap allows."""
-    from audiohash import ivf
-
-    index = ivf.ivf_index(quantizer.ivf_centroids, quantizer.centroids)
-    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
-        order = pc.sort_indices(clip_ids).to_numpy().astype(np.int64)
-        D, I = ivf.scan_lists(index, codes[order], lists[order], query_side, probes, min(k, len(codes)))
-        return D, np.where(I >= 0, order[np.maximum(I, 0)], -1)
-    return ivf.scan_lists(index, codes, lists, query_side, probes, min(k, len(codes)))
 
 
 def partition_record(part: PartitionTopK) -> pa.RecordBatch:

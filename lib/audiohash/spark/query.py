@@ -21,8 +21,8 @@ from audiohash import faults, ivf
 from audiohash.bundle import ModelBundle, bundle_to_bytes, refuse_other_extractor
 from audiohash.config import QuerySettings
 from audiohash.encoding import shard_of_lists
-from audiohash.ranking import (check_lineage, merge_topk, partition_record, partitions_from_table, plan_query_batches,
-                               scan_partition)
+from audiohash.ranking import (cached_list_codes, check_lineage, merge_topk, partition_record, partitions_from_table,
+                               plan_query_batches, probed_partition, scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.code_table import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
@@ -124,7 +124,9 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
                 batch_groups = direct_read_groups(batch_rows, state, columns, SCAN_TASK_BYTES, version,
                                                   keep=lambda partition: partition.get("shard") in shards) or [[]]
 
-        def scan(batches, shipped=shipped):
+        def scan(read, files=None, shipped=shipped):
+            """In a task: scan the rows ``read()`` gives (the data files ``files``, where the task
+            reads them itself: their lists stay in the worker for the next batch or search)."""
             from audiohash.bundle import cached_bundle_from_bytes
 
             task_started = time.perf_counter()
@@ -132,19 +134,23 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
             task_quantizer = cached_bundle_from_bytes(payload.value).quantizer
             set_worker_threads(task_cpus)
             query_side, probes = shipped.value
-            part = scan_partition(batches, task_quantizer, query_side, k, probes)
+            if probes is not None and files is not None:
+                part = probed_partition(cached_list_codes(files, task_quantizer, read), query_side, probes, k)
+            else:
+                part = scan_partition(read(), task_quantizer, query_side, k, probes)
             part.seconds = time.perf_counter() - task_started
             return part
 
         if batch_groups is not None:
             def scan_files(i, scan=scan, batch_groups=batch_groups):  # runs in task i: reads and scans its files
-                yield partition_record(scan(read_parquet_files(batch_groups[i], columns)))
+                files = tuple(batch_groups[i])
+                yield partition_record(scan(lambda: read_parquet_files(files, columns), files))
 
             rows = indexed_tasks(spark, len(batch_groups), scan_files, SCAN_OUTPUT_DDL)
             files_read.update(uri for group in batch_groups for uri in group)
         else:
             def scan_rows(batches, scan=scan):
-                yield partition_record(scan(batches))
+                yield partition_record(scan(lambda: batches))
 
             rows = batch_rows.mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
         with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
