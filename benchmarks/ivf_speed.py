@@ -6,7 +6,8 @@ For PQ 64 bits and DQN 64 bits (10% labels): the real GM benchmark embeddings (t
 default extractor), replicated with small noise to n rows as the other speed benchmarks do, are
 encoded in batches straight into a Delta code table (``in_process.write_code_table``: the encode
 job's task writer and commit, so no n-row embeddings table is needed), with ``--nlist`` lists
-(default about 4 sqrt(n)) trained on a replicated sample in the code space. Then, in one run on
+(default about 4 sqrt(n)) trained on a replicated sample in the code space (``--train-rows-per-list``
+rows per list). Then, in one run on
 local[2] with the same codes and coarse centroids:
   - exhaustive_s: our query job's scan of every code (``search_codes``, nprobe 0);
   - ours_cold_s: the first probed search over the table: the scan tasks read the files and add
@@ -45,7 +46,7 @@ DQN_HYPER = {"steps": 600}  # as benchmarks/encode_speed.py: the speed does not 
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
 
 
-def fit(method: str, data, nlist: int, n: int) -> ModelBundle:
+def fit(method: str, data, nlist: int, n: int, rows_per_list: int = 64) -> ModelBundle:
     """The model (10% labels for DQN) and its lists, trained on a replicated sample of the database."""
     from audiohash.training import sample_labeled, seed_everything
 
@@ -54,7 +55,7 @@ def fit(method: str, data, nlist: int, n: int) -> ModelBundle:
     quantizer = make_quantizer(method, BITS, seed=0, **(DQN_HYPER if method == "dqn" else {}))
     label_ids, _ = sample_labeled(labels, 0.1, 0)
     quantizer.fit(x_db, label_ids if quantizer.supervised else None)
-    quantizer.fit_lists(replicate(x_db, min(n, 64 * nlist), seed=99), nlist)
+    quantizer.fit_lists(replicate(x_db, min(n, rows_per_list * nlist), seed=99), nlist)
     return ModelBundle(quantizer, f"bench-ivf-{method}-{BITS}b", 1, {})
 
 
@@ -119,12 +120,12 @@ def id_recall_at(ids: np.ndarray, reference: np.ndarray) -> float:
 
 
 def run_method(spark, method: str, data, n: int, queries: int, topk: int, nlist: int, repeats: int,
-               n_shards: int, sweep: tuple[int, ...]) -> dict:
+               n_shards: int, sweep: tuple[int, ...], rows_per_list: int) -> dict:
     from audiohash.spark.query import ScanParams, search_codes
 
     _, _, x_db = data.split("db")
     xq = replicate(data.split("query")[2], queries, noise=0.0)
-    bundle = fit(method, data, nlist, n)
+    bundle = fit(method, data, nlist, n, rows_per_list)
     path = str(CACHE / f"ivf-codes-{method}-{BITS}b-n{n}-l{nlist}")
     build_code_table(bundle, x_db, n, n_shards, path)
     search_codes(spark, bundle, xq[:1], ScanParams(path, topk, 1000, nprobe=0))  # start the Python workers
@@ -189,6 +190,8 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=100)
     parser.add_argument("--nlist", type=int, default=0, help="lists; 0 = about 4 sqrt(n)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; medians count")
+    parser.add_argument("--train-rows-per-list", type=int, default=64,
+                        help="replicated rows the coarse k-means trains on, per list (faiss wants 39 to 256)")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--methods", default="pq,dqn")
     parser.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="nprobe values")
@@ -204,7 +207,8 @@ def main() -> None:
     spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
     sweep = tuple(int(v) for v in args.sweep.split(","))
     results = [{**run_method(spark, method, data, args.n, args.queries, args.topk, nlist, args.repeats, args.shards,
-                             sweep), "machine": machine()} for method in args.methods.split(",")]
+                             sweep, args.train_rows_per_list), "train_rows_per_list": args.train_rows_per_list,
+                "machine": machine()} for method in args.methods.split(",")]
     spark.stop()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -257,7 +257,9 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     refuse_other_extractor(extractor[1] if extractor else None, bundle, embeddings_table)
     started = time.time()
     scan_stats: list[PartitionStat] = []
-    scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb, nprobe=p.nprobe)
+    # R = the whole database (mAP@all) needs every code ranked: no inverted file then.
+    scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb,
+                      nprobe=p.nprobe if p.top_r else 0)
     found = search_codes(spark, bundle, xq, scan, scan_stats)
     D, ranked_ids, codes_version = found.distances, found.clip_ids, found.version
     seconds = time.time() - started
