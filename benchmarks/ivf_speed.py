@@ -14,7 +14,9 @@ local[2] with the same codes and coarse centroids:
     the codes to their lists (kept in the Python workers for the searches after it);
   - per nprobe of the sweep: ours_s (the job's probed scan, the lists in the workers: the median
     of --repeats), codes_per_query, recall_at_100 of its top-100 against the exhaustive top-100 of
-    the same codes (ties counted as found, see ``recall_at``; id_recall_at_100 by clip id);
+    the same codes (ties counted as found, ``ranking.probed_recall``: replicated embeddings share
+    codes, so by clip id recall stays below 1 even with every list probed; id_recall_at_100 by
+    clip id);
     faiss_s and faiss_recall_at_100: faiss's own IndexIVFPQ (same centroids and codebooks, codes
     not residuals, 2 threads, codes in memory) with the same nprobe.
 Writes a JSON list, one object per method: {"n", "method", "exhaustive_s", "sweep": [{"nprobe",
@@ -38,6 +40,7 @@ from real_data import CACHE, machine, real_embeddings, replicate
 
 from audiohash.bundle import ModelBundle
 from audiohash.quantizers import make_quantizer
+from audiohash.ranking import probed_recall
 
 log = logging.getLogger("benchmarks.ivf_speed")
 BITS = 64
@@ -105,15 +108,6 @@ def faiss_ivf(bundle: ModelBundle, path: str):
     return index, table.column("clip_id").to_numpy(zero_copy_only=False)
 
 
-def recall_at(D: np.ndarray, D_exhaustive: np.ndarray, rtol: float = 1e-5) -> float:
-    """Recall@k against the exhaustive top-k of the same codes, counting ties as found: the share
-    of each query's k places holding a code no farther than the exhaustive k-th distance. (Codes of
-    replicated embeddings repeat, so many codes share the k-th distance and which of them a heap
-    keeps is arbitrary: by clip ids, recall would stay below 1 even with every list probed.)"""
-    kth = D_exhaustive[:, -1:]
-    return float(np.mean(D <= kth + rtol * np.abs(kth)))
-
-
 def id_recall_at(ids: np.ndarray, reference: np.ndarray) -> float:
     """Mean over queries of |ids ∩ reference| / k, by clip id (ties not counted as found)."""
     return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), reference.tolist())]))
@@ -159,8 +153,8 @@ def run_method(spark, method: str, data, n: int, queries: int, topk: int, nlist:
         faiss_ids = np.where(I >= 0, db_ids[np.maximum(I, 0)], None)
         faiss_s = statistics.median(times)
         row = {"nprobe": nprobe, "ours_s": round(ours_s, 3), "faiss_s": round(faiss_s, 4),
-               "recall_at_100": round(recall_at(found.distances, exhaustive.distances), 4),
-               "faiss_recall_at_100": round(recall_at(np.where(I >= 0, D, np.inf), exhaustive.distances), 4),
+               "recall_at_100": round(probed_recall(found.distances, exhaustive.distances), 4),
+               "faiss_recall_at_100": round(probed_recall(np.where(I >= 0, D, np.inf), exhaustive.distances), 4),
                "codes_per_query": round(found.codes_per_query), "speedup": round(exhaustive_s / ours_s, 2),
                "ratio_to_faiss": round(ours_s / faiss_s, 2),
                "id_recall_at_100": round(id_recall_at(found.clip_ids, exhaustive.clip_ids), 4),

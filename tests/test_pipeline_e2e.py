@@ -147,3 +147,24 @@ def test_train_takes_unlabeled_splits_and_hides_named_classes(spark, pipeline):
     cfg.train.unlabeled_classes = ["no-such-class"]
     with pytest.raises(AudiohashError, match=r"train.unlabeled_classes: no training row has the class\(es\) \['no-such-class'\]"):
         run_job_main("train", cfg, method=None, bits=None, label_fraction=None)
+
+
+def test_train_job_trains_the_inverted_file_in_the_code_space(spark, pipeline):
+    """train.ivf_lists=-1: about 4 sqrt(n) lists (at most n / 39), in the bundle; binary codes are refused."""
+    from audiohash.errors import AudiohashError
+    from audiohash.ivf import assign_lists, default_nlist
+    from audiohash.spark.tables import read_embeddings
+    from audiohash.tracking import load_registered_bundle
+
+    cfg = make_config(pipeline.lake.root, f"extract.input={pipeline.extract.input}", "train.method=opq",
+                      "train.bits=32", "train.ivf_lists=-1")
+    run_job_main("train", cfg, method=None, bits=None, label_fraction=None)
+    quantizer = load_registered_bundle(cfg).quantizer
+    _, _, x, _ = read_embeddings(spark, pipeline.lake.table("embeddings"), ["db"])
+    assert quantizer.nlist == default_nlist(len(x)) and quantizer.ivf_centroids.shape[1] == quantizer.query_side(x).shape[1]
+    lists = assign_lists(quantizer.query_side(x), quantizer.ivf_centroids)
+    assert len(np.unique(lists)) > quantizer.nlist // 2  # the lists are used, not one big list
+    itq = make_config(pipeline.lake.root, f"extract.input={pipeline.extract.input}", "train.method=itq",
+                      "train.bits=16", "train.ivf_lists=-1")
+    with pytest.raises(AudiohashError, match=r"itq: its codes have no inverted file"):
+        run_job_main("train", itq, method=None, bits=None, label_fraction=None)

@@ -2,6 +2,8 @@
 for DQN codes (asymmetric distance through the network) and ITQ codes (Hamming), whatever the query
 batching: rankings by (distance, clip_id), with the many equal distances such codes produce."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import run_job_main
@@ -176,3 +178,20 @@ def test_files_of_unprobed_lists_are_never_read_and_appended_codes_land_in_their
     lists = ivf.assign_lists(q.query_side(np.stack(new["embedding"].to_numpy()).astype(np.float32)), q.ivf_centroids)
     assert added["list_id"].tolist() == lists.tolist()
     assert added["shard"].tolist() == shard_of_lists(lists, NLIST, N_SHARDS).tolist()
+
+
+def test_query_job_probes_lists_for_top_r_and_ranks_every_code_for_map_at_all(spark, ivf_lake, tmp_path):
+    from audiohash.spark.query import QueryParams, query_and_evaluate
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, _ = ivf_lake
+    bundle = load_registered_bundle(cfg)
+    params = QueryParams.from_config(cfg, results_table=str(tmp_path / "results"), float_reference=False)
+    probed = query_and_evaluate(spark, bundle, dataclasses.replace(params, top_r=K, nprobe=2))
+    assert probed.metrics["nprobe"] == 2 and probed.metrics["codes_per_query"] < N_DB
+    assert 0 < probed.metrics[f"ivf_recall_at_{K}"] < 1  # evaluation mode: against every code's ranking
+    all_lists = query_and_evaluate(spark, bundle, dataclasses.replace(params, top_r=K, nprobe=NLIST))
+    assert all_lists.metrics[f"ivf_recall_at_{K}"] == 1.0
+    every = query_and_evaluate(spark, bundle, dataclasses.replace(params, top_r=0, nprobe=2))
+    assert every.metrics["nprobe"] == 0 and every.metrics["codes_per_query"] == N_DB
+    assert "map_all" in every.metrics and f"map_at_{K}" in probed.metrics

@@ -269,3 +269,15 @@ def test_listed_partitions_are_kept_per_worker_by_model_and_files():
     fresh = ranking.scan_partition(reader(models[0], "a")(), models[0], zq, 10, probes)
     assert np.array_equal(kept.distances, fresh.distances) and kept.clip_ids.equals(fresh.clip_ids)
     ranking._LISTED.clear()
+
+
+def test_probed_recall_counts_ties_at_the_kth_distance_as_found():
+    from audiohash.ranking import probed_recall
+
+    exhaustive = np.array([[1.0, 2.0, 2.0], [0.5, 0.5, 0.5]], np.float32)
+    # Query 0: a tie member other than the exhaustive one at place 3, then a code too far;
+    # query 1: one code found in the probed lists only (padding +inf).
+    probed = np.array([[1.0, 2.0, 3.0], [0.5, np.inf, np.inf]], np.float32)
+    assert probed_recall(probed, exhaustive) == pytest.approx(3 / 6)
+    assert probed_recall(exhaustive, exhaustive) == 1.0
+    assert probed_recall(probed[:, :1], exhaustive) == pytest.approx(2 / 6)  # fewer columns: the rest missing

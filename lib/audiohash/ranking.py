@@ -282,3 +282,16 @@ def results_batch(query_ids: np.ndarray, ranked_ids: np.ndarray, distances: np.n
         pa.array([model_name] * (nq * r), pa.string()),
         pa.array(np.full(nq * r, model_version, np.int32)),
     ], names=column_names(RESULTS_DDL))
+
+
+def probed_recall(D: np.ndarray, D_exhaustive: np.ndarray, rtol: float = 1e-5) -> float:
+    """Recall@k of a probed top-k (D float32 (nq, k'), +inf where no code was found) against the
+    exhaustive top-k of the same codes (nq, k), ties counted as found: the share of the k places
+    holding a code no farther than the exhaustive k-th distance. (Codes repeat, so many codes can
+    share the k-th distance, and which of them a top-k keeps is arbitrary.)"""
+    nq, k = D_exhaustive.shape
+    if k == 0:
+        return 1.0
+    D = np.hstack([D[:, :k], np.full((nq, max(0, k - D.shape[1])), np.inf, np.float32)])
+    kth = D_exhaustive[:, -1:]
+    return float(np.mean(D <= kth + rtol * np.abs(kth)))

@@ -22,7 +22,7 @@ from audiohash.bundle import ModelBundle, bundle_to_bytes, refuse_other_extracto
 from audiohash.config import QuerySettings
 from audiohash.encoding import shard_of_lists
 from audiohash.ranking import (cached_list_codes, check_lineage, merge_topk, partition_record, partitions_from_table,
-                               plan_query_batches, probed_partition, scan_partition)
+                               plan_query_batches, probed_partition, probed_recall, scan_partition)
 from audiohash.schemas import RESULTS_DDL, SCAN_OUTPUT_DDL
 from audiohash.spark.code_table import code_table_state
 from audiohash.spark.stats import PartitionStat, partition_stats, report_partition_stats
@@ -267,6 +267,9 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R,
                "codes_per_query": found.codes_per_query, "nprobe": found.nprobe}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
+    if p.evaluate and found.nprobe:  # what the lists cost: recall against every code's ranking
+        every = search_codes(spark, bundle, xq, dataclasses.replace(scan, nprobe=0))
+        metrics[f"ivf_recall_at_{R}"] = probed_recall(D, every.distances)
     append_results(spark, p.results_table, query_ids, ranked_ids[:, :min(R, p.results_r)],
                    D[:, :min(R, p.results_r)], p.run_id, bundle)
     curves = None
