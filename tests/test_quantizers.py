@@ -327,7 +327,7 @@ def test_supervised_beats_pq():
     xq, yq = x[:200], y[:200]
     scores = {}
     for method in ("pq", "dqn", "dqn_cls", "dqn_semi"):
-        hyper = {} if method == "pq" else {"steps": 600, "warmup_steps": 200}
+        hyper = {} if method == "pq" else {"steps": 300, "warmup_steps": 100}
         q = make_quantizer(method, 32, **hyper)
         q.fit(x, labels)
         _, ranked = q.scan(q.encode(x), q.query_side(xq), 250)
