@@ -17,6 +17,18 @@ def pytest_configure(config):
                                        "(a master and two workers on loopback, tests/spark_cluster.py)")
 
 
+# The longest test files first: pytest-xdist (-n 2 --dist loadfile) hands files to its workers in
+# collection order, so the long ones start at once and the short ones even out the end (the
+# suite's wall time is its slower worker's).
+LONG_FILES_FIRST = ("test_cluster.py", "test_encode_spark.py", "test_query_spark.py", "test_quantizers.py",
+                    "test_report.py", "test_extract_spark.py", "test_pipeline_e2e.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES_FIRST)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from audiohash.config import SparkSettings
