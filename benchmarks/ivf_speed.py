@@ -95,16 +95,14 @@ def faiss_ivf(bundle: ModelBundle, path: str):
     from deltalake import DeltaTable
 
     from audiohash.arrow_arrays import code_matrix
-    from audiohash.ivf import ivf_index
+    from audiohash.ivf import add_codes, ivf_index
 
     q = bundle.quantizer
     table = DeltaTable(path).to_pyarrow_table(columns=["clip_id", "code", "list_id"])
     codes = code_matrix(table.column("code"), q.code_size)
-    lists = table.column("list_id").to_numpy().astype("<i8")
+    lists = table.column("list_id").to_numpy()
     index = ivf_index(q.ivf_centroids, q.centroids)
-    width = index.coarse_code_size()
-    prefixed = np.hstack([lists.view(np.uint8).reshape(len(lists), 8)[:, :width], codes])
-    index.add_sa_codes(np.ascontiguousarray(prefixed), np.arange(len(codes), dtype=np.int64))
+    add_codes(index, codes, lists)
     return index, table.column("clip_id").to_numpy(zero_copy_only=False)
 
 

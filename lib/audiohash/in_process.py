@@ -29,13 +29,18 @@ from audiohash.table_files import direct_readable, read_parquet_files, write_par
 CODE_COLUMNS = ["clip_id", "code"]  # what a scan reads of the code table
 
 
+def local_table(table: str) -> str:
+    """The local path of a table this runner reads or writes; AudiohashError for other storage."""
+    local = delta_tables.local_path(table)
+    if local is None:
+        raise AudiohashError(f"Delta table {table} is not on local storage: only the Spark jobs read and write it")
+    return local
+
+
 def version_state(table: str, version: int | None, columns: list[str]) -> delta_tables.TableState:
     """The state of a local Delta table's version (latest: None) whose data files hold ``columns``
     as plain Parquet; AudiohashError naming the table and the reason for any other."""
-    local = delta_tables.local_path(table)
-    if local is None:
-        raise AudiohashError(f"Delta table {table} is not on local storage: only the Spark jobs read it")
-    state = delta_tables.table_state(local, version)
+    state = delta_tables.table_state(local_table(table), version)
     if not direct_readable(state.min_reader_version, state.partition_columns, list(state.files), columns):
         raise AudiohashError(
             f"Delta table {table} version {state.version}: its data files are not plain Parquet holding "
@@ -73,9 +78,7 @@ def write_code_table(codes_table: str, encoded: pa.Table, lineage: Lineage) -> i
     """Replace the content of a local code table (created if absent) by ``encoded`` rows
     (``schemas.ENCODED_DDL``) in one commit that carries ``lineage``, as the encode job's full run
     writes it (one Parquet file per shard, ``delta_tables.commit_files``). Returns the version."""
-    local = delta_tables.local_path(codes_table)
-    if local is None:
-        raise AudiohashError(f"Delta table {codes_table} is not on local storage: only the encode job writes it")
+    local = local_table(codes_table)
     encoded_at = dt.datetime.now(dt.timezone.utc)
     name = f"part-00000-{uuid.uuid4().hex}"
 
@@ -104,10 +107,7 @@ def encode_into(embeddings_table: str, codes_table: str, bundle: ModelBundle, n_
 
 def code_table_lineage(codes_table: str, version: int | None = None) -> tuple[int, Lineage | None]:
     """(version, the lineage of its content: ``encoding.lineage_at``) of a local code table."""
-    local = delta_tables.local_path(codes_table)
-    if local is None:
-        raise AudiohashError(f"Delta table {codes_table} is not on local storage: only the Spark jobs read it")
-    history = delta_tables.history(local, HISTORY_DEPTH)
+    history = delta_tables.history(local_table(codes_table), HISTORY_DEPTH)
     version = max(r["version"] for r in history) if version is None else version
     return version, lineage_at(history, version)
 

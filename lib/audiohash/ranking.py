@@ -88,8 +88,8 @@ def list_codes(batches: Iterable[pa.RecordBatch], quantizer: Quantizer) -> Liste
     codes = np.concatenate([code_matrix(b.column("code"), quantizer.code_size) for b in batches])
     clip_ids = pa.concat_arrays([b.column("clip_id") for b in batches])
     lists = np.concatenate([b.column("list_id").to_numpy(zero_copy_only=False) for b in batches]).astype(np.int32)
-    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
-        order = pc.sort_indices(clip_ids).to_numpy().astype(np.int64)
+    order = clip_id_order(clip_ids)
+    if order is not None:
         codes, lists, clip_ids = codes[order], lists[order], clip_ids.take(pa.array(order))
     ivf.add_codes(index, codes, lists)
     return ListedCodes(index, clip_ids, np.bincount(lists, minlength=quantizer.nlist), len(codes))
@@ -134,11 +134,19 @@ def partition_topk(quantizer: Quantizer, codes: np.ndarray, clip_ids: pa.Array, 
     a partition could keep another clip than the one the global merge would pick, and rankings
     would depend on the partitioning.
     """
-    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
-        order = pc.sort_indices(clip_ids).to_numpy()
+    order = clip_id_order(clip_ids)
+    if order is not None:
         D, I = quantizer.scan(codes[order], query_side, min(k, len(codes)))
         return D, order[I]
     return quantizer.scan(codes, query_side, min(k, len(codes)))
+
+
+def clip_id_order(clip_ids: pa.Array) -> np.ndarray | None:
+    """int64 row order that sorts ``clip_ids``; None where they are sorted already (faiss keeps the
+    lowest row number among equal distances, so scans run over rows in clip_id order)."""
+    if len(clip_ids) > 1 and not pc.all(pc.less_equal(clip_ids[:-1], clip_ids[1:])).as_py():
+        return pc.sort_indices(clip_ids).to_numpy().astype(np.int64)
+    return None
 
 
 def partition_record(part: PartitionTopK) -> pa.RecordBatch:
