@@ -17,8 +17,9 @@ demo:
 # two workers on loopback, worker loss; about 7 minutes), two xdist workers, a test file each.
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads (faiss's and torch's runtimes) sleep instead of
 # spinning; with two workers on two cores the spinning made training tests 8x slower (README, Tests).
+# AUDIOHASH_EXTRA_APT: Debian packages only the tests need (the listening page's browser test).
 test:
-	OMP_WAIT_POLICY=PASSIVE scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	AUDIOHASH_EXTRA_APT="chromium chromium-driver" OMP_WAIT_POLICY=PASSIVE scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-cluster:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m cluster

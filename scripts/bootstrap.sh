@@ -10,6 +10,9 @@
 set -euo pipefail
 AUDIOHASH_HOME="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 APT_PACKAGES="openjdk-17-jre-headless libsndfile1 fluidsynth fluid-soundfont-gm timgm6mb-soundfont"
+# The test command adds what only tests need (make test: the listening page's browser test drives
+# Debian's headless chromium through its chromedriver).
+APT_PACKAGES="$APT_PACKAGES ${AUDIOHASH_EXTRA_APT:-}"
 
 _ah_missing_apt() {
   local missing=""

@@ -113,6 +113,29 @@ def test_query_batches_give_the_same_ranking(spark, pipeline):
         assert ranking_mismatch(D, ids, D_ref, ids_ref, complete=True) is None
 
 
+def test_search_service_ranks_a_clip_as_the_query_job_does(spark, pipeline, small_manifest):
+    """audiohash.search (no Spark) over the job's code table: a query clip by id, and by its audio
+    file (decoded and embedded again), gets the query job's results table ranking."""
+    import pandas as pd
+
+    from audiohash.ranking import ranking_mismatch
+    from audiohash.search import SearchEngine
+
+    engine = SearchEngine.open(make_config(pipeline.lake.root, f"extract.input={pipeline.extract.input}",
+                                           "train.bits=32", "model.version=1"))
+    results = read(spark, pipeline, "results").toPandas().sort_values(["query_id", "rank"])
+    manifest = pd.read_csv(small_manifest)
+    paths = dict(zip(manifest["clip_id"], manifest["path"]))
+    for query_id in sorted(set(results["query_id"]))[:4]:
+        job = results[results["query_id"] == query_id]
+        D_job, ids_job = job["distance"].to_numpy()[None], job["clip_id"].to_numpy(object)[None]
+        audio = (small_manifest.parent / paths[query_id]).read_bytes()
+        for found in (engine.search(clip_id=query_id, top=20), engine.search(audio=audio, top=20)):
+            D = np.asarray([[h.distance for h in found.hits]], np.float32)
+            ids = np.asarray([[h.clip_id for h in found.hits]], object)
+            assert ranking_mismatch(D, ids, D_job, ids_job, complete=False) is None
+
+
 def test_query_refuses_codes_of_another_model_version(spark, pipeline):
     from audiohash.errors import AudiohashError
 

@@ -122,6 +122,14 @@ class QuerySettings:
 
 
 @dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines (no authentication: a trusted network only)
+    port: int = 8765
+    top: int = 10  # results per search unless the request asks for another number
+    refresh_s: float = 10.0  # seconds between checks for a newer code table version; 0 = never
+
+
+@dataclass
 class Config:
     spark: SparkSettings = field(default_factory=SparkSettings)
     lake: LakeSettings = field(default_factory=LakeSettings)
@@ -132,6 +140,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     # ---- derived locations (one place) --------------------------------------------------------
     @property
