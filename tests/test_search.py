@@ -221,6 +221,18 @@ def test_http_errors_are_json_with_the_reason(server):
     assert status == 400 and "nope" in json.loads(body)["error"]
     status, body, _ = http(server + "/audio/..%2F..%2Fetc%2Fpasswd")
     assert status == 404  # only files of indexed clips are served
+    # One kept-alive connection: a refused request (its body unread by the search) leaves the next intact.
+    from http.client import HTTPConnection
+
+    connection = HTTPConnection(server.removeprefix("http://"), timeout=60)
+    connection.request("POST", "/api/search?top=many", body=b"x" * 5000, headers={"Content-Type": "audio/wav"})
+    response = connection.getresponse()
+    assert response.status == 400 and "many" in json.loads(response.read())["error"]
+    connection.request("POST", "/api/search?top=2", body=b'{"embedding": ' + json.dumps([0.0] * 224).encode() + b"}",
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and len(json.loads(response.read())["results"]) == 2
+    connection.close()
     info = json.loads(http(server + "/api/info")[1])
     assert info["n_codes"] == 280 and info["method"] == "pq" and "label" in info["filters"]
 

@@ -23,7 +23,6 @@ import mimetypes
 import threading
 import time
 import urllib.parse
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -52,6 +51,8 @@ def local_file(path: str | None) -> Path | None:
 class Handler(BaseHTTPRequestHandler):
     engine: SearchEngine  # set on the subclass made by make_server
     server_version = "audiohash"
+    protocol_version = "HTTP/1.1"  # keep-alive: a page or client reuses its connection (every answer has a length)
+    disable_nagle_algorithm = True  # small answers leave at once instead of waiting for the client's ACK
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -106,8 +107,14 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path, params = self._query()
         try:
+            body = self._body()  # read whole first: on a kept-alive connection the next request follows it
+        except AudiohashError as exc:
+            self.close_connection = True
+            self._error(413, str(exc))
+            return
+        try:
             if path == "/api/search":
-                self._json(self._search(params))
+                self._json(self._search(params, body))
             elif path == "/api/refresh":
                 swapped = self.engine.refresh()
                 self._json({"refreshed": swapped, "codes_version": self.engine.snapshot.version})
@@ -118,11 +125,10 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as exc:
             self._error(400, f"bad request: {exc}")
 
-    def _search(self, params: dict[str, list[str]]) -> dict:
+    def _search(self, params: dict[str, list[str]], body: bytes) -> dict:
         started = time.perf_counter()
         top = int(params.get("top", [self.engine.cfg.serve.top])[0])
         where = {k: v for k, v in params.items() if k in FILTER_PARAMS and v != [""]}
-        body = self._body()
         if (self.headers.get("Content-Type") or "").startswith("application/json"):
             request = json.loads(body or b"{}")
             top = int(request.get("top", top))
