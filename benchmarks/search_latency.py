@@ -15,7 +15,8 @@ for these clips). The model is registered in an MLflow store under the benchmark
 - 200 queries by audio file (the GM query split's files, real renders), one at a time over HTTP:
   p50_ms / p99_ms end to end at the client, and the service's own split (``split_p50_ms``:
   decode+extract, model, scan);
-- in the same run, extract_p50_ms: the extract worker alone (``extraction.embed_files``: decode,
+- in the same run, each timed right after the service's answer to the same file (the machine's
+  speed drifts), extract_p50_ms: the extract worker alone (``extraction.embed_files``: decode,
   window, embed) on the same files' bytes; faiss_p50_ms: faiss's own single-query search (IndexPQ
   over the same codes, the query side computed beforehand); overhead_ratio = p50 / (extract_p50 +
   faiss_p50);
@@ -169,15 +170,38 @@ def run_method(method: str, data, audio: list[bytes], paths: dict, n: int, lake:
     overrides = [f"lake.root={lake / method}", f"model.name={bundle.model_name}", "query.nprobe=0"]
     cfg = load_config(None, overrides)
     build_lake(cfg, bundle, data, paths, n)
+    # The same work without the service, in this process: the extract worker alone and faiss alone
+    # over the same codes, timed alternately with the service's answers (the machine's speed drifts).
+    extractor = get_extractor("timbre")
+    snapshot = SearchEngine.open(cfg).snapshot  # the registered model and its codes, as the service has them
+    quantizer = snapshot.bundle.quantizer
+    index = quantizer.filled_scan_index(snapshot.codes)
+    del snapshot
+
+    def alone(i: int, clip: bytes) -> tuple[float, float]:
+        files = pd.DataFrame({"clip_id": [f"q{i}"], "path": [f"q{i}.wav"], "label": [None], "split": [None],
+                              "source": [None], "content": [clip]})
+        started = time.perf_counter()
+        rows = embed_files(files, extractor, max_windows=1)
+        extract_ms = (time.perf_counter() - started) * 1e3
+        z = quantizer.query_side(np.asarray(rows["embedding"].iloc[0], np.float32)[None])
+        started = time.perf_counter()
+        index.search(z, 10)
+        return extract_ms, (time.perf_counter() - started) * 1e3
+
     process, url, cold_start_s = start_service(overrides)
     try:
         post(url + "/api/search", audio[0])  # first request: the extractor is built
-        latencies, split = [], {"extract": [], "model": [], "scan": []}
-        for clip in audio:
+        alone(0, audio[0])
+        latencies, split, extract_ms, faiss_ms = [], {"extract": [], "model": [], "scan": []}, [], []
+        for i, clip in enumerate(audio):
             ms, answer = post(url + "/api/search?top=10", clip)
             latencies.append(ms)
             for k in split:
                 split[k].append(answer["timing_ms"][k])
+            e_ms, f_ms = alone(i, clip)
+            extract_ms.append(e_ms)
+            faiss_ms.append(f_ms)
         db_labels = data.split("db")[1]
         shares = pd.Series(db_labels[np.arange(n) % len(db_labels)]).value_counts(normalize=True)  # as build_lake
         label = (shares - 0.01).abs().idxmin()
@@ -189,26 +213,6 @@ def run_method(method: str, data, audio: list[bytes], paths: dict, n: int, lake:
     finally:
         process.terminate()
         process.wait(timeout=60)
-
-    # The same work without the service, in this process: the extract worker alone and faiss alone.
-    extractor = get_extractor("timbre")
-    extract_ms, xs = [], []
-    for i, clip in enumerate(audio):
-        files = pd.DataFrame({"clip_id": [f"q{i}"], "path": [f"q{i}.wav"], "label": [None], "split": [None],
-                              "source": [None], "content": [clip]})
-        started = time.perf_counter()
-        rows = embed_files(files, extractor, max_windows=1)
-        extract_ms.append((time.perf_counter() - started) * 1e3)
-        xs.append(np.asarray(rows["embedding"].iloc[0], np.float32))
-    snapshot = SearchEngine.open(cfg).snapshot  # the registered model and its codes, as the service has them
-    quantizer = snapshot.bundle.quantizer
-    index = quantizer.filled_scan_index(snapshot.codes)
-    zq = quantizer.query_side(np.stack(xs))
-    faiss_ms = []
-    for z in zq:
-        started = time.perf_counter()
-        index.search(z[None], 10)
-        faiss_ms.append((time.perf_counter() - started) * 1e3)
     p50, extract_p50, faiss_p50 = percentile(latencies, 50), percentile(extract_ms, 50), percentile(faiss_ms, 50)
     row = {"method": method, "bits": BITS, "cold_start_s": round(cold_start_s, 2), "p50_ms": round(p50, 2),
            "p99_ms": round(percentile(latencies, 99), 2), "extract_p50_ms": round(extract_p50, 2),
