@@ -10,6 +10,13 @@ and at the end. Reruns append only new files; another extractor version replaces
     spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=lake/dataset/manifest.csv
     spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=/data/ESC-50/audio-by-class \\
         extract.extractor=torchscript extract.model_path=/models/encoder.pt
+
+Embeddings computed elsewhere (a Parquet file or folder with clip_id and embedding columns, or a
+folder of NAME.npy + NAME.parquet) are written as they are, with extractor 'external'
+(audiohash.external; README "Bring your own embeddings"):
+
+    spark-submit jobs/extract.py --conf-file conf/local.yaml extract.input=/data/clap.parquet \
+        extract.external_version=clap-2023
 """
 from audiohash.cli import job_parser, run_job
 

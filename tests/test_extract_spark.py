@@ -246,3 +246,80 @@ def test_aisfx_through_the_job_on_gm_and_recorded_clips(spark, small_manifest, t
     assert set(emb["sample_rate"]) == {44100}
     assert (emb.loc[expected.index, "source"] == expected["source"]).all()
     np.testing.assert_allclose(np.stack(emb["embedding"]), np.stack(expected["embedding"]), rtol=1e-5, atol=1e-4)
+
+
+def test_external_embeddings_through_extract_train_encode_query(spark, tmp_path, capsys):
+    """Bring your own embeddings: a Parquet of 2,400 clustered vectors (and five bad rows) through the
+    four jobs; the rows land with extractor 'external' and the query job ranks them."""
+    import mlflow
+
+    from audiohash.errors import AudiohashError
+    from audiohash.tracking import load_registered_bundle, use_store
+
+    rng = np.random.default_rng(0)
+    n_classes, per_class, dim = 24, 100, 32
+    centers = rng.normal(size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), per_class)
+    x = (centers[labels] + 0.35 * rng.normal(size=(len(labels), dim))).astype(np.float32)
+    clip_ids = [f"clip{i:05d}" for i in range(len(x))]
+    split = np.where(np.arange(len(x)) % per_class < 10, "query", "db")
+    emb = [v.tolist() for v in x]
+    bad = {"bad-nan": [np.nan] * dim, "bad-dim": [0.5] * (dim - 1), "bad-none": None}
+    frame = pd.DataFrame({"clip_id": clip_ids + list(bad) + ["clip00000"],
+                          "embedding": emb + list(bad.values()) + [emb[0]],
+                          "label": [f"class{k}" for k in labels] + ["x"] * 4,
+                          "split": list(split) + ["db"] * 4})
+    frame.to_parquet(tmp_path / "clap.parquet", row_group_size=1000)
+
+    with pytest.raises(AudiohashError, match="extract.external_version=NAME"):
+        run_job_main("extract", make_config(tmp_path / "lake", f"extract.input={tmp_path / 'clap.parquet'}"))
+    cfg = make_config(tmp_path / "lake", f"extract.input={tmp_path / 'clap.parquet'}",
+                      "extract.external_version=synthetic-v1", "train.bits=32", "query.results_r=10",
+                      "query.float_reference=false")
+    run_job_main("extract", cfg)
+    printed = capsys.readouterr().out
+    assert ("extract: 2404 rows -> 2399 embedded (2399 rows), 5 rejected (dimension 1, duplicate_clip_id 2, "
+            "missing_embedding 1, nan_embedding 1)") in printed  # clip00000 twice: both copies out
+    emb_table = read(spark, cfg.lake.table("embeddings"))
+    assert len(emb_table) == 2399 and emb_table["clip_id"].is_unique and "clip00000" not in set(emb_table["clip_id"])
+    assert set(emb_table["extractor"]) == {"external"} and set(emb_table["extractor_version"]) == {"external-synthetic-v1"}
+    assert emb_table["sample_rate"].isna().all() and emb_table["path"].isna().all()
+    got = emb_table.set_index("clip_id").loc[clip_ids[1:]]
+    np.testing.assert_array_equal(np.stack(got["embedding"]), x[1:])
+    assert (got["label"] == [f"class{k}" for k in labels[1:]]).all() and (got["split"] == split[1:]).all()
+    rejects = read(spark, cfg.lake.table("rejects")).sort_values("path")
+    assert dict(zip(rejects["clip_id"], rejects["reason"])) == {
+        "bad-nan": "nan_embedding", "bad-dim": "dimension", "bad-none": "missing_embedding",
+        "clip00000": "duplicate_clip_id"}
+    assert rejects["path"].str.startswith(f"file:{tmp_path}/clap.parquet#row=").all()
+
+    # A rerun skips the rows the table holds; the bad ones are checked again, their rejects replaced, not doubled.
+    run_job_main("extract", cfg)
+    assert "extract: 2404 rows -> 0 embedded (0 rows), 5 rejected" in capsys.readouterr().out
+    assert len(read(spark, cfg.lake.table("rejects"))) == 5
+
+    run_job_main("train", cfg, method=None, bits=None, label_fraction=None)
+    run_job_main("encode", cfg)
+    run_job_main("query", cfg)
+    assert load_registered_bundle(cfg).meta["extractor"] == "external"
+    runs = mlflow.search_runs([use_store(cfg)])
+    query_run = runs[runs["tags.audiohash.job"] == "query"].iloc[0]
+    assert query_run["metrics.map_all"] > 0.5  # 24 well-separated clusters: PQ ranks same-class rows first
+    codes = read(spark, cfg.lake.table("codes"))
+    assert len(codes) == (split[1:] == "db").sum()
+    # Search (no Spark) takes the external vectors: a query row's vector gets the query job's ranking.
+    from audiohash.ranking import ranking_mismatch
+    from audiohash.search import SearchEngine
+
+    engine = SearchEngine.open(cfg)
+    results = read(spark, cfg.lake.table("results")).sort_values(["query_id", "rank"])
+    for i in np.flatnonzero(split == "query")[1:4]:
+        job = results[results["query_id"] == clip_ids[i]]
+        found = engine.search(embedding=x[i], top=10)
+        assert ranking_mismatch(np.asarray([[h.distance for h in found.hits]], np.float32),
+                                np.asarray([[h.clip_id for h in found.hits]], object),
+                                job["distance"].to_numpy()[None], job["clip_id"].to_numpy(object)[None],
+                                complete=False) is None
+        assert {h.label for h in found.hits[:5]} == {f"class{labels[i]}"}
+    with pytest.raises(AudiohashError, match="external embeddings .*search with an embedding vector"):
+        engine.search(audio=b"RIFF....", top=3)

@@ -62,6 +62,10 @@ class ExtractSettings:
     max_windows: int = 0  # windows kept per long file; 0 = all
     batch_size: int = 256  # files per Arrow batch handed to one executor worker call
     windows_per_call: int = 4  # windows per extractor call (logmel is fastest on a few at a time)
+    # Required when extract.input holds embeddings computed elsewhere (a Parquet with an 'embedding'
+    # column, or a folder of .npy + .parquet; audiohash.external): their model and version, e.g.
+    # clap-2023; rows get extractor 'external' and extractor_version 'external-<this>'.
+    external_version: str = ""
 
     def extractor_params(self) -> dict:
         params = {"window_s": self.window_s} if self.window_s > 0 else {}

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from audiohash.audio import AudioRejected, decode_audio, split_windows
 from audiohash.errors import AudiohashError
-from audiohash.features import Extractor
 from audiohash.schemas import EXTRACT_OUTPUT_DDL, INPUT_FILE_COLUMNS, column_names
+
+if TYPE_CHECKING:  # annotations only: features imports torch, seconds in a fresh worker (external.py's)
+    from audiohash.features import Extractor
 
 log = logging.getLogger("audiohash.extraction")
 
@@ -61,6 +64,14 @@ def _strip_suffix(path: str) -> str:
     return os.path.splitext(path)[0]
 
 
+def text_value(v) -> str | None:
+    """A manifest cell as text, nulls kept as None: Parquet may hold numbers (an integer column with
+    nulls arrives as floats: 7.0 is the label "7") or nulls, CSV empty cells ("" is None too)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or str(v) == "":
+        return None
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def manifest_inputs(frame: pd.DataFrame, manifest: str) -> pd.DataFrame:
     """A manifest table -> input files (``INPUT_COLUMNS``), one row per file.
 
@@ -74,15 +85,8 @@ def manifest_inputs(frame: pd.DataFrame, manifest: str) -> pd.DataFrame:
     """
     if "path" not in frame.columns:
         raise AudiohashError(f"manifest {manifest}: no 'path' column (columns: {list(frame.columns)})")
-    # Text only, with nulls kept as None: Parquet may hold numbers (an integer column with nulls
-    # arrives as floats: 7.0 is the label "7") or nulls, CSV empty cells.
-    def as_text(v) -> str | None:
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or str(v) == "":
-            return None
-        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-
     def text(column: str) -> list:
-        return [as_text(v) for v in frame[column].tolist()] if column in frame.columns else [None] * len(frame)
+        return [text_value(v) for v in frame[column].tolist()] if column in frame.columns else [None] * len(frame)
 
     raw_paths = text("path")
     for i, p in enumerate(raw_paths):

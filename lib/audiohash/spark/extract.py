@@ -75,11 +75,12 @@ class ExtractSummary:
     mode: str  # overwrite | append | none
     reasons: dict[str, int] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
+    unit: str = "files"  # what files and the other counts count: "rows" for external embeddings
 
     def line(self) -> str:
         rate = self.embedded_rows / self.seconds if self.seconds else 0.0
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
-        return (f"extract: {self.files} files -> {self.embedded_files} embedded ({self.embedded_rows} rows), "
+        return (f"extract: {self.files} {self.unit} -> {self.embedded_files} embedded ({self.embedded_rows} rows), "
                 f"{self.rejected_files} rejected{f' ({reasons})' if reasons else ''}, "
                 f"{self.skipped_files} already embedded; {self.seconds:.1f} s ({rate:.0f} clips/s); "
                 f"embeddings table version {self.embeddings_version} ({self.mode})")
@@ -235,7 +236,8 @@ class ExtractParams:
     extractor_params: as ``features.get_extractor``. max_windows: windows kept per long file
     (0 = all). batch_size: files per Arrow batch handed to the worker. windows_per_call: windows
     per extractor call. spark_io: list and read local files through Spark's binaryFile source too
-    (other filesystems always are)."""
+    (other filesystems always are). external_version: the name of embeddings computed elsewhere
+    (``audiohash.external``), required when ``source`` holds embeddings instead of audio."""
 
     source: str
     embeddings_table: str
@@ -246,20 +248,28 @@ class ExtractParams:
     batch_size: int = ExtractSettings.batch_size
     windows_per_call: int = ExtractSettings.windows_per_call
     spark_io: bool = False
+    external_version: str = ""
 
     @classmethod
     def from_config(cls, cfg, **changes) -> "ExtractParams":
         settings = cfg.extract
         params = cls(cfg.extract_input, cfg.lake.table("embeddings"), cfg.lake.table("rejects"), settings.extractor,
                      settings.extractor_params(), settings.max_windows, settings.batch_size,
-                     settings.windows_per_call)
+                     settings.windows_per_call, external_version=settings.external_version)
         return dataclasses.replace(params, **changes)
 
 
 def extract_embeddings(spark: SparkSession, params: ExtractParams) -> ExtractSummary:
     """Embed the files of ``params.source`` not yet embedded by this extractor; commit the
     embeddings table once and the rejects table once. Returns counts, per-stage summary lines and
-    the committed embeddings table version."""
+    the committed embeddings table version. A source of embeddings computed elsewhere goes to
+    ``spark.extract_external`` instead (the same tables, summary and commits)."""
+    from audiohash.external import input_layout
+
+    if params.external_version or input_layout(params.source):
+        from audiohash.spark.extract_external import extract_external
+
+        return extract_external(spark, params)
     source, embeddings_table, rejects_table = params.source, params.embeddings_table, params.rejects_table
     extractor_name, extractor_params = params.extractor_name, params.extractor_params
     from audiohash.features import get_extractor

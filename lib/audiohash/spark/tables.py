@@ -93,6 +93,13 @@ def overwrite_delta(df: DataFrame, path: str, partition_by: tuple[str, ...] = ()
     return version
 
 
+def replace_where_delta(df: DataFrame, path: str, where: str) -> int:
+    """Replace the table's rows matching the SQL predicate ``where`` by ``df``'s (each of which must
+    match it: Delta checks) in one commit (Delta's ``replaceWhere``)."""
+    df.write.format("delta").mode("overwrite").option("replaceWhere", where).save(path)
+    return table_version(df.sparkSession, path)
+
+
 def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
     """Append in one commit, creating the table on first use."""
     if ddl is not None:
