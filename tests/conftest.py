@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES_FIRST)))  # stable: file order kept
 
 
+@pytest.fixture(scope="session", autouse=True)
+def log_dir(tmp_path_factory):
+    """The log files of the JVMs and jobs the tests start (conf/spark/spark-env.sh, audiohash.cli)
+    land in a temp folder, not in ./logs."""
+    folder = tmp_path_factory.mktemp("logs")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AUDIOHASH_LOG_DIR", str(folder))
+        env.delenv("AUDIOHASH_LOG_FILE", raising=False)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from audiohash.config import SparkSettings
@@ -40,6 +51,7 @@ def spark(tmp_path_factory):
                "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))},
     )
     session = get_spark(settings)
+    session.sparkContext.setLogLevel("WARN")  # the jobs keep Spark's INFO in their log file; the tests need not
     yield session
     session.stop()
 

@@ -288,21 +288,24 @@ class StandaloneCluster:
 
     # ---- applications ------------------------------------------------------------------------
     def submit(self, script: str | Path, args: list[str], py_files: list[Path], log: Path,
-               conf: dict[str, str] | None = None, ui_port: int | None = None) -> Submission:
-        """Start ``spark-submit --master <this cluster> --py-files ...`` as a subprocess.
+               conf: dict[str, str] | None = None, ui_port: int | None = None,
+               env: dict[str, str] | None = None) -> Submission:
+        """Start ``spark-submit --master <this cluster> --py-files ...`` as a subprocess, through
+        scripts/submit.sh (spark-submit with a quiet console, as make demo runs the jobs).
 
         The driver runs in the subprocess (client mode), with conf/spark as SPARK_CONF_DIR (Delta's
-        jars, as for every job) and no PYTHONPATH; the executors run the venv's Python.
+        jars, as for every job) and no PYTHONPATH; the executors run the venv's Python. ``env``:
+        more environment variables (AUDIOHASH_LOG_DIR, for one).
         """
         ui_port = ui_port or free_port()
         settings = {"spark.pyspark.python": sys.executable, "spark.ui.port": str(ui_port), **(conf or {})}
-        cmd = [str(SPARK_HOME / "bin" / "spark-submit"), "--master", self.master_url,
+        cmd = [str(REPO / "scripts" / "submit.sh"), "--master", self.master_url,
                "--py-files", ",".join(str(p) for p in py_files)]
         for key, value in settings.items():
             cmd += ["--conf", f"{key}={value}"]
         cmd += [str(script), *args]
         with open(log, "wb") as out:
-            process = subprocess.Popen(cmd, env=cluster_env(SPARK_CONF_DIR=str(REPO / "conf" / "spark")),
+            process = subprocess.Popen(cmd, env=cluster_env(SPARK_CONF_DIR=str(REPO / "conf" / "spark"), **(env or {})),
                                        cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return Submission(process, log, ui_port)
 

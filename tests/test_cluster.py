@@ -39,9 +39,9 @@ def job_overrides(lake: Path, manifest: Path) -> list[str]:
 
 
 def submit(cluster: StandaloneCluster, job: str, overrides: list[str], code_zip: Path, log: Path,
-           conf: dict[str, str] | None = None) -> Submission:
+           conf: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Submission:
     return cluster.submit(REPO / "jobs" / f"{job}.py", ["--conf-file", str(REPO / "conf" / "small.yaml"), *overrides],
-                          [code_zip], log, conf)
+                          [code_zip], log, conf, env=env)
 
 
 def finish(job: Submission, name: str) -> str:
@@ -78,20 +78,23 @@ class Pipeline:
     cfg: object
     seconds: dict
     outputs: dict
+    log_dir: Path | None = None  # the jobs' log files (conf/spark/spark-env.sh names them)
 
 
 @pytest.fixture(scope="module")
 def cluster_pipeline(standalone_cluster, code_zip, small_manifest, tmp_path_factory) -> Pipeline:
     """extract -> train -> encode -> query, each a spark-submit against the standalone cluster."""
     lake = tmp_path_factory.mktemp("cluster-lake")
+    log_dir = tmp_path_factory.mktemp("cluster-logs")
     seconds, outputs = {}, {}
     for job in JOBS:
         submission = submit(standalone_cluster, job, job_overrides(lake, small_manifest), code_zip,
-                            lake.parent / f"{lake.name}-{job}.log")
+                            lake.parent / f"{lake.name}-{job}.log", env={"AUDIOHASH_LOG_DIR": str(log_dir)})
         outputs[job] = finish(submission, job)
         seconds[job] = submission.seconds
     print(f"\ncluster (2 workers x 1 core) wall time per job, s: {_shown(seconds)}")
-    return Pipeline(lake, make_config(lake, f"extract.input={small_manifest}", "train.bits=32"), seconds, outputs)
+    return Pipeline(lake, make_config(lake, f"extract.input={small_manifest}", "train.bits=32"), seconds, outputs,
+                    log_dir)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +201,22 @@ def test_four_jobs_on_the_cluster_equal_the_local_run(spark, cluster_pipeline, l
     quality = [c for c in run_l.index if re.match(r"metrics\.(map|precision|recall)_", c)]
     assert "metrics.map_all" in quality
     assert run_c[quality].to_dict() == run_l[quality].to_dict()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_the_jobs_console_is_quiet_and_their_log_files_hold_the_rest(cluster_pipeline):
+    """The four spark-submits (through scripts/submit.sh) printed their summaries, but no INFO line
+    and nothing of Ivy's resolution report; each run's log file holds Ivy's report, Spark's INFO
+    and the job's own INFO (two processes, one file)."""
+    for job, output in cluster_pipeline.outputs.items():
+        assert re.search(rf"^{job}\b", output, re.M), output  # its summary line
+        assert not [line for line in output.splitlines() if re.search(r"\bINFO\b|^::|^Ivy |^\tfound ", line)], output
+        [log] = cluster_pipeline.log_dir.glob(f"{job}-*.log")
+        text = log.read_text()
+        assert ":: resolving dependencies ::" in text and "already retrieved" in text  # Ivy
+        assert "INFO org.apache.spark.SparkContext: Running Spark version" in text  # Spark's JVM
+        assert re.search(r"INFO audiohash\.spark: spark \S+, master spark://", text)  # the job's Python
 
 
 @pytest.mark.cluster

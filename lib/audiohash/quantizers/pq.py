@@ -16,6 +16,7 @@ class PQ(AdcQuantizer):
         z = self.transform_standardized(self._fit_standardizer(x))
         pq = faiss.ProductQuantizer(z.shape[1], self.n_subspaces, 8)
         pq.cp.seed = self.seed
+        pq.cp.min_points_per_centroid = 1  # only silences faiss's small-sample warning (8 lines, one a subspace)
         pq.train(z)
         self.centroids = faiss.vector_to_array(pq.centroids).reshape(
             self.n_subspaces, 256, z.shape[1] // self.n_subspaces

@@ -1,9 +1,10 @@
-"""The one SparkSession factory: Delta enabled, Arrow on, quiet logs, settings from conf/."""
+"""The one SparkSession factory: Delta enabled, Arrow on, quiet console, settings from conf/."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 from delta import configure_spark_with_delta_pip
 from pyspark.sql import SparkSession
@@ -45,6 +46,10 @@ def get_spark(settings: SparkSettings) -> SparkSession:
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = configure_spark_with_delta_pip(builder).getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
+    conf_dir = os.environ.get("SPARK_CONF_DIR")
+    if not (conf_dir and (Path(conf_dir) / "log4j2.properties").is_file()):
+        # Spark's built-in profile prints INFO on the console; conf/spark/log4j2.properties
+        # (SPARK_CONF_DIR) keeps INFO in the run's log file and only WARN+ on the console.
+        spark.sparkContext.setLogLevel("WARN")
     log.info("spark %s, master %s", spark.version, spark.sparkContext.master)
     return spark
