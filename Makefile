@@ -14,12 +14,14 @@ demo:
 	scripts/with-env.sh scripts/demo.sh $(CONF)
 
 # Everything, the standalone-cluster tests included (tests/test_cluster.py: a real master and
-# two workers on loopback, worker loss; about 7 minutes), two xdist workers, a test file each.
+# two workers on loopback, worker loss; about 10 minutes), two xdist workers, a test file each,
+# handed out in collection order (--no-loadscope-reorder: xdist would otherwise start the files
+# with the most tests first, and the cluster file, few tests but the longest, would start last).
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads (faiss's and torch's runtimes) sleep instead of
 # spinning; with two workers on two cores the spinning made training tests 8x slower (README, Tests).
 # AUDIOHASH_EXTRA_APT: Debian packages only the tests need (the listening page's browser test).
 test:
-	AUDIOHASH_EXTRA_APT="chromium chromium-driver" OMP_WAIT_POLICY=PASSIVE scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	AUDIOHASH_EXTRA_APT="chromium chromium-driver" OMP_WAIT_POLICY=PASSIVE scripts/with-env.sh python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder
 
 test-cluster:
 	scripts/with-env.sh python -m pytest -q -p no:cacheprovider -m cluster

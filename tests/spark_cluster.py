@@ -46,8 +46,11 @@ def free_port() -> int:
 
 
 def cluster_env(**extra: str) -> dict[str, str]:
-    """This process's environment minus PYTHONPATH, pinned to loopback and the venv's Python."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    """This process's environment minus PYTHONPATH and this process's own run log (a test that ran a
+    job's main() in this process set AUDIOHASH_LOG_FILE: each submission names its own), pinned to
+    loopback and the venv's Python."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "AUDIOHASH_LOG_FILE", "AUDIOHASH_CONSOLE_LEVEL")}
     env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
                PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     env.update(extra)

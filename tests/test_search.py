@@ -238,8 +238,11 @@ def test_http_errors_are_json_with_the_reason(server):
     assert info["n_codes"] == 280 and info["method"] == "pq" and "label" in info["filters"]
 
 
-def test_cli_prints_the_top_clips(lake, capsys):
+def test_cli_prints_the_top_clips(lake, capsys, monkeypatch, tmp_path):
     from audiohash.search import main
+
+    # run_job names its log file in the environment (for a JVM it would start): keep that to this test.
+    monkeypatch.setenv("AUDIOHASH_LOG_FILE", str(tmp_path / "search.log"))
 
     cfg, rows, _ = lake
     q = query_clips(rows, 1)[0]
