@@ -230,6 +230,7 @@ class SearchEngine:
         self.cfg = cfg
         self.snapshot = snapshot
         self._extractor = None
+        self._extractor_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
 
     @classmethod
@@ -240,9 +241,25 @@ class SearchEngine:
         return cls(cfg, load_snapshot(bundle, cfg.lake.table("codes"), cfg.query.nprobe, version))
 
     # ---- what a query is ------------------------------------------------------------------------
+    def warm_up(self) -> threading.Thread:
+        """Build the extractor in a background thread (a few seconds: torch, librosa's filterbanks),
+        so the first audio query does not wait for it; errors surface at that query."""
+        def build():
+            try:
+                self.extractor
+            except Exception:  # noqa: BLE001 - reported to the query that needs it
+                pass
+        thread = threading.Thread(target=build, name="audiohash-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     @property
     def extractor(self):
         """The extractor the model's embeddings were made with (its version checked), built once."""
+        with self._extractor_lock:
+            return self._build_extractor()
+
+    def _build_extractor(self):
         if self._extractor is None:
             from audiohash.features import get_extractor
 

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     def run(cfg, args) -> None:
         started = time.time()
         engine = SearchEngine.open(cfg)
+        if engine.info()["accepts_audio"]:
+            engine.warm_up()  # the extractor builds while the service already answers
         server = make_server(engine, cfg.serve.host, cfg.serve.port)
         stop = threading.Event()
         if cfg.serve.refresh_s > 0:
