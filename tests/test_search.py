@@ -100,6 +100,34 @@ def test_search_ranks_as_the_in_process_query_ranks_every_code(lake, engine):
         assert hit.source in {"fluidr3", "timgm6mb"} and hit.path.endswith(".wav") and hit.label is not None
 
 
+@pytest.mark.parametrize("method, nprobe", [("itq", 0), ("pq_fastscan", 0), ("pq", 3)])
+def test_binary_fast_scan_and_listed_codes_rank_as_the_in_process_query(lake, tmp_path, method, nprobe):
+    """The index over the codes as they are: Hamming for binary codes, 4-bit fast-scan, and the query
+    job's inverted file for a model with lists (nprobe > 0); each ranks as the in-process query."""
+    from audiohash import in_process
+    from audiohash.bundle import ModelBundle
+    from audiohash.quantizers import make_quantizer
+    from audiohash.search import load_snapshot
+
+    cfg, rows, _ = lake
+    db = rows.filter(pa.compute.equal(rows.column("split"), "db"))
+    x = np.stack(db.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    quantizer = make_quantizer(method, 16 if method == "itq" else 32, seed=0).fit(x)
+    if nprobe:
+        quantizer.fit_lists(x, 7)
+    bundle = ModelBundle(quantizer, f"search-{method}", 1, {})
+    codes_table = str(tmp_path / "codes")
+    in_process.encode_into(cfg.lake.table("embeddings"), codes_table, bundle, N_SHARDS, ("db",))
+    snapshot = load_snapshot(bundle, codes_table, nprobe)
+    queries = query_clips(rows, 5)
+    xq = np.stack([q["embedding"] for q in queries]).astype(np.float32)
+    D_ref, ids_ref, _ = in_process.search_table(codes_table, bundle, xq, 12, nprobe=nprobe)
+    for i in range(len(queries)):
+        D, found, _ = snapshot.scan(quantizer.query_side(xq[i:i + 1]), 12)
+        assert [h.clip_id for h in snapshot.hits(D, found)] == list(ids_ref[i][:len(found)])
+        np.testing.assert_allclose(D, D_ref[i][:len(found)], rtol=1e-5)
+
+
 def test_audio_query_is_embedded_as_the_extract_job_embeds_it(lake, engine):
     cfg, rows, _ = lake
     q = query_clips(rows, 1)[0]
