@@ -36,7 +36,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-from real_data import CACHE, machine, real_embeddings, replicate
+from real_data import CACHE, encode_input_batch, machine, real_embeddings, replicate
 
 from audiohash.bundle import ModelBundle
 from audiohash.quantizers import make_quantizer
@@ -79,10 +79,7 @@ def build_code_table(bundle: ModelBundle, x_db: np.ndarray, n: int, n_shards: in
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         x = replicate(x_db, stop - start, seed=start)
-        batch = pa.RecordBatch.from_arrays([
-            pa.array([f"c{i:09d}" for i in range(start, stop)]), pa.nulls(stop - start, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))],
-            names=["clip_id", "label", "embedding"])
+        batch = encode_input_batch([f"c{i:09d}" for i in range(start, stop)], None, x)
         encoded.append(encode_batch(batch, q, n_shards))
     lineage = Lineage(bundle.model_name, bundle.model_version, n_shards, ("db",), "benchmark (replicated)", 0)
     write_code_table(path, pa.Table.from_batches(encoded), lineage)

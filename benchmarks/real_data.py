@@ -86,6 +86,19 @@ def replicate(x: np.ndarray, n: int, noise: float = 0.05, seed: int = 0) -> np.n
     return out
 
 
+def encode_input_batch(clip_ids, labels, x: np.ndarray):
+    """Rows of the encode input (``schemas.ENCODE_INPUT_COLUMNS``: clip_id, label, embedding) for
+    ``encoding.encode_batch``: what the speed benchmarks encode straight into a code table.
+    labels: None for all-null labels."""
+    import pyarrow as pa
+
+    n = len(x)
+    return pa.RecordBatch.from_arrays([
+        pa.array(clip_ids, pa.string()), pa.nulls(n, pa.string()) if labels is None else pa.array(labels, pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).ravel()), x.shape[1])
+        .cast(pa.list_(pa.float32()))], names=["clip_id", "label", "embedding"])
+
+
 def machine() -> dict:
     import os
     import platform

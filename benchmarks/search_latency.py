@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from real_data import CACHE, dataset_manifest, machine, real_embeddings, replicate
+from real_data import CACHE, dataset_manifest, encode_input_batch, machine, real_embeddings, replicate
 
 from audiohash.bundle import ModelBundle
 from audiohash.quantizers import make_quantizer
@@ -113,10 +113,7 @@ def build_lake(cfg, bundle: ModelBundle, data, paths: dict, n: int) -> None:
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         x = replicate(x_db, stop - start, seed=start)
-        batch = pa.RecordBatch.from_arrays([
-            pa.array(clip_ids[start:stop], pa.string()), pa.array(labels[copy[start:stop]], pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(pa.list_(pa.float32()))],
-            names=["clip_id", "label", "embedding"])
+        batch = encode_input_batch(clip_ids[start:stop], labels[copy[start:stop]], x)
         encoded.append(encode_batch(batch, bundle.quantizer, N_SHARDS))
     lineage = Lineage(bundle.model_name, bundle.model_version, N_SHARDS, ("db",), meta_table, 0)
     write_code_table(codes_table, pa.Table.from_batches(encoded), lineage)
