@@ -235,7 +235,8 @@ def test_results_batch_has_one_row_per_query_and_rank():
 
 def test_listed_partitions_are_kept_per_worker_by_model_and_files():
     """A second search over the same data files with the same model scans the lists in memory; another
-    model or other files list them again; at most LISTED_PARTITIONS_KEPT partitions are kept."""
+    model or other files list them again; the least recently used leave when the kept memory passes
+    the budget."""
     from audiohash import ranking
     from audiohash.quantizers import make_quantizer
 
@@ -256,11 +257,16 @@ def test_listed_partitions_are_kept_per_worker_by_model_and_files():
     first = ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))
     again = ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))
     assert again is first and reads == ["a"] and first.rows == 600 and first.list_sizes.sum() == 600
-    ranking.cached_list_codes(("a.parquet",), models[1], reader(models[1], "a1"))  # another model
-    ranking.cached_list_codes(("b.parquet",), models[0], reader(models[0], "b"))  # other files
-    assert reads == ["a", "a1", "b"] and len(ranking._LISTED) == ranking.LISTED_PARTITIONS_KEPT
-    ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"))  # evicted: read again
+    assert first.nbytes == 600 * (4 + 8) + first.clip_ids.nbytes  # 32 bits: 4-byte codes, faiss's 8-byte ids
+    budget = int(2.5 * first.nbytes)  # room for two such partitions
+    ranking.cached_list_codes(("a.parquet",), models[1], reader(models[1], "a1"), budget)  # another model
+    assert len(ranking._LISTED) == 2
+    ranking.cached_list_codes(("b.parquet",), models[0], reader(models[0], "b"), budget)  # other files
+    assert reads == ["a", "a1", "b"] and len(ranking._LISTED) == 2  # "a" left: least recently used
+    ranking.cached_list_codes(("a.parquet",), models[0], reader(models[0], "a"), budget)  # evicted: read again
     assert reads == ["a", "a1", "b", "a"]
+    ranking.cached_list_codes(("b.parquet",), models[0], reader(models[0], "b"), 1)  # newest stays alone
+    assert len(ranking._LISTED) == 1 and reads == ["a", "a1", "b", "a"]
     # The kept lists rank as a fresh scan of the same rows does.
     zq = models[0].query_side(x[:5])
     probes = np.array([[0, 1]] * 5)

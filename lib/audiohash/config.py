@@ -123,6 +123,9 @@ class QuerySettings:
     results_r: int = 100  # ranks per query written to the results table
     float_reference: bool = True  # recall@R against exact float search (collects the database)
     nprobe: int = 16  # lists probed per query where the model has an inverted file; 0 = every code
+    # Memory per Python worker for the listed codes a probed scan keeps for the next batch or search
+    # (ranking.cached_list_codes): about code size + 8 bytes + the clip id per code.
+    lists_cache_mb: int = 1024
 
 
 @dataclass

@@ -74,6 +74,7 @@ class ListedCodes:
     clip_ids: pa.Array  # sorted: faiss keeps the lowest row number among equal distances where it can
     list_sizes: np.ndarray  # int64 (nlist,): codes per list, for the count of codes each query compares
     rows: int
+    nbytes: int = 0  # memory held: the codes and faiss's ids in the lists, the clip ids
 
 
 def list_codes(batches: Iterable[pa.RecordBatch], quantizer: Quantizer) -> ListedCodes:
@@ -92,7 +93,8 @@ def list_codes(batches: Iterable[pa.RecordBatch], quantizer: Quantizer) -> Liste
     if order is not None:
         codes, lists, clip_ids = codes[order], lists[order], clip_ids.take(pa.array(order))
     ivf.add_codes(index, codes, lists)
-    return ListedCodes(index, clip_ids, np.bincount(lists, minlength=quantizer.nlist), len(codes))
+    return ListedCodes(index, clip_ids, np.bincount(lists, minlength=quantizer.nlist), len(codes),
+                       codes.nbytes + 8 * len(codes) + clip_ids.nbytes)
 
 
 def probed_partition(listed: ListedCodes, query_side: np.ndarray, probes: np.ndarray, k: int) -> PartitionTopK:
@@ -103,24 +105,24 @@ def probed_partition(listed: ListedCodes, query_side: np.ndarray, probes: np.nda
     return _ranked_part(D, I, listed.clip_ids, listed.rows, int(listed.list_sizes[probes].sum()))
 
 
-# Per Python worker: the partitions last listed, by (quantizer, data files). Delta data files never
-# change once written, so a query batch or a later search over the same files of the same model
-# scans the lists already in memory instead of reading and adding them again.
+# Per Python worker: the partitions last listed, by (quantizer, data files), most recently used
+# last. Delta data files never change once written, so a query batch or a later search over the
+# same files of the same model scans the lists already in memory instead of reading and adding
+# them again. They are kept while their memory fits the budget each search ships
+# (``query.lists_cache_mb``); the least recently used leave first, the newest always stays.
 _LISTED: dict[tuple, tuple[Quantizer, ListedCodes]] = {}
-LISTED_PARTITIONS_KEPT = 2
+LISTS_CACHE_BYTES = 1024 << 20  # config.QuerySettings.lists_cache_mb's default
 
 
-def cached_list_codes(files: tuple[str, ...], quantizer: Quantizer,
-                      read: Callable[[], Iterable[pa.RecordBatch]]) -> ListedCodes:
-    """``list_codes`` of the rows ``read()`` gives for these data files, kept per worker (the
-    quantizer is held with the entry, so its id cannot name another model while the entry lives)."""
+def cached_list_codes(files: tuple[str, ...], quantizer: Quantizer, read: Callable[[], Iterable[pa.RecordBatch]],
+                      budget_bytes: int = LISTS_CACHE_BYTES) -> ListedCodes:
+    """``list_codes`` of the rows ``read()`` gives for these data files, kept per worker within
+    ``budget_bytes`` (the quantizer is held with the entry, so its id cannot name another model
+    while the entry lives)."""
     key = (id(quantizer), files)
-    if key not in _LISTED:
-        while len(_LISTED) >= LISTED_PARTITIONS_KEPT:
-            _LISTED.pop(next(iter(_LISTED)))
-        _LISTED[key] = (quantizer, list_codes(read(), quantizer))
-    else:
-        _LISTED[key] = _LISTED.pop(key)  # most recently used last
+    _LISTED[key] = _LISTED.pop(key) if key in _LISTED else (quantizer, list_codes(read(), quantizer))
+    while len(_LISTED) > 1 and sum(entry.nbytes for _, entry in _LISTED.values()) > budget_bytes:
+        _LISTED.pop(next(iter(_LISTED)))  # the least recently used; this one, the newest, stays
     return _LISTED[key][1]
 
 

@@ -51,6 +51,7 @@ class ScanParams:
     # Lists of the inverted file each query probes (``audiohash.ivf``), for a model that has lists;
     # 0, or a model without lists: every code is scanned.
     nprobe: int = QuerySettings.nprobe
+    lists_cache_mb: int = QuerySettings.lists_cache_mb  # per Python worker: listed codes kept for the next scan
 
 
 @dataclass
@@ -94,6 +95,7 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    cache_bytes = scan.lists_cache_mb << 20
     state = table_state(spark, codes_table)
     groups = None  # data files per scan task, when the tasks read them directly
     if scan.direct_read:
@@ -135,7 +137,8 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
             set_worker_threads(task_cpus)
             query_side, probes = shipped.value
             if probes is not None and files is not None:
-                part = probed_partition(cached_list_codes(files, task_quantizer, read), query_side, probes, k)
+                part = probed_partition(cached_list_codes(files, task_quantizer, read, cache_bytes), query_side,
+                                        probes, k)
             else:
                 part = scan_partition(read(), task_quantizer, query_side, k, probes)
             part.seconds = time.perf_counter() - task_started
@@ -229,6 +232,7 @@ class QueryParams:
     evaluate: bool = QuerySettings.evaluate
     float_reference: bool = QuerySettings.float_reference  # recall@R against exact float search
     nprobe: int = QuerySettings.nprobe  # inverted-file lists per query (a model with lists); 0 = every code
+    lists_cache_mb: int = QuerySettings.lists_cache_mb
     run_id: str = ""  # the MLflow run, written with every result row
 
     @classmethod
@@ -236,7 +240,7 @@ class QueryParams:
         q = cfg.query
         params = cls(cfg.lake.table("embeddings"), cfg.lake.table("codes"), cfg.lake.table("results"), q.split,
                      tuple(cfg.encode.splits), q.top_r, q.query_batch, q.memory_budget_mb, q.results_r, q.evaluate,
-                     q.float_reference, q.nprobe)
+                     q.float_reference, q.nprobe, q.lists_cache_mb)
         return dataclasses.replace(params, **changes)
 
 
@@ -259,7 +263,7 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     scan_stats: list[PartitionStat] = []
     # R = the whole database (mAP@all) needs every code ranked: no inverted file then.
     scan = ScanParams(codes_table, p.top_r or 2**62, p.query_batch, p.memory_budget_mb,
-                      nprobe=p.nprobe if p.top_r else 0)
+                      nprobe=p.nprobe if p.top_r else 0, lists_cache_mb=p.lists_cache_mb)
     found = search_codes(spark, bundle, xq, scan, scan_stats)
     D, ranked_ids, codes_version = found.distances, found.clip_ids, found.version
     seconds = time.time() - started
