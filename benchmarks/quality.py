@@ -25,6 +25,11 @@ first bank; ``unseen``: a seeded ``--unseen-share`` of the classes (``--seed``) 
 training, every database row stays indexed; rows carry ``map_all_unseen`` / ``map_all_seen`` (the
 query job's split by class) and, for supervised methods, ``map_all_seen_default``: the same
 method trained with every class's labels, on the same seen-class queries.
+``--validation`` (for choosing hyper-parameters, never with the benchmark's queries): the query
+split is dropped and a seeded 15% of each (class, source) group's database clips
+(``--validation-seed``) become the queries, the rest the database; every setting works on that
+carve as on the real split. ``--hyper '{"dqn_semi": {"noise": 0.3}}'`` overrides a method's
+hyper-parameters (recorded in the JSON's dataset.hyper).
 Writes {"dataset", "results": [...], "label_sweep": [...], "checks": {...}} and prints the table in
 the paper's layout plus the checks (gain over PQ at 32 bits; per query group in ``unseen``).
 """
@@ -35,7 +40,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -215,6 +220,25 @@ def setting_sets(data, setting: str, seed: int, unseen_share: float, banks: list
     return Sets(x_db, y_db, x_db, y_db, x_q, y_q, [])
 
 
+def validation_carve(data, share: float, seed: int):
+    """data with the query split dropped and a seeded ``share`` of each (class, source) group's
+    database clips relabeled as queries (whole clips: every window of a clip goes the same way)."""
+    db = data.splits == "db"
+    clip_ids, labels, sources = data.clip_ids[db], data.labels[db], data.sources[db]
+    rng = np.random.default_rng(seed)
+    carved = set()
+    groups: dict = {}
+    for clip, label, source in sorted(set(zip(clip_ids.tolist(), labels.tolist(), sources.tolist()))):
+        groups.setdefault((label, source), []).append(clip)
+    for key in sorted(groups):
+        clips = groups[key]
+        n = int(round(share * len(clips)))
+        if 0 < n < len(clips):
+            carved.update(rng.choice(clips, n, replace=False).tolist())
+    splits = np.where(np.isin(clip_ids, list(carved)), "query", "db").astype(object)
+    return replace(data, clip_ids=clip_ids, labels=labels, splits=splits, sources=sources, x=data.x[db])
+
+
 def gain(m: float, pq: float) -> float:
     """Share of PQ's shortfall from a perfect ranking that method m closes."""
     return (m - pq) / (1 - pq)
@@ -265,15 +289,23 @@ def main(argv=None) -> None:
                     help="default; hard: train on one bank, index the other (gm); unseen: a share of the classes unlabeled")
     ap.add_argument("--unseen-share", type=float, default=0.25, help="unseen setting: share of classes without labels")
     ap.add_argument("--banks", default="fluidr3,timgm6mb", help="hard setting: TRAIN_BANK,INDEXED_BANK")
+    ap.add_argument("--validation", action="store_true",
+                    help="query with a carve of the database split, not the query split (for choosing settings)")
+    ap.add_argument("--validation-seed", type=int, default=10, help="seed of the validation carve (default: 10)")
+    ap.add_argument("--hyper", default="{}", help='JSON {method: {name: value}} hyper-parameter overrides')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
     name = "gm-small" if args.small else args.dataset
     data = real_embeddings(name, args.extractor)
+    if args.validation:
+        data = validation_carve(data, 0.15, args.validation_seed)
     hyper = {}
     if name == "gm-small":  # 336 clips: 10% labels is 2 clips per class; fewer steps keep the smoke run short
         hyper = {m: {"steps": 400, "warmup_steps": 100} for m in SUPERVISED}
+    for method, values in json.loads(args.hyper).items():
+        hyper[method] = {**hyper.get(method, {}), **values}
 
     sets = setting_sets(data, args.setting, args.seed, args.unseen_share, args.banks.split(","))
     x_db, y_db, x_q, y_q = sets.x_db, sets.y_db, sets.x_q, sets.y_q
@@ -281,7 +313,8 @@ def main(argv=None) -> None:
                "split_seed": args.seed, "n_train": len(sets.x_train), "n_db": len(x_db), "n_query": len(x_q),
                "n_classes": len(set(y_db)), "embedding": f"{data.extractor_version} ({x_db.shape[1]}-d)",
                "size": "small" if name == "gm-small" else "full",
-               "banks": sorted(set(data.sources)), "rejected_files": data.rejected}  # banks: the recording chains
+               "banks": sorted(set(data.sources)), "rejected_files": data.rejected,  # banks: the recording chains
+               "validation_seed": args.validation_seed if args.validation else None, "hyper": hyper}
     if sets.unseen:
         dataset.update(unseen_classes=sets.unseen, n_query_unseen=int(np.isin(y_q, sets.unseen).sum()))
     log.info("dataset: %s", dataset)
