@@ -18,8 +18,11 @@ from audiohash.metrics import (
 )
 from audiohash.quantizers import METHODS, QuantizerState, load_quantizer, make_quantizer
 from audiohash.quantizers.binary import agh_projection, spectral_modes
-from audiohash.quantizers.dqn import confident_pseudo_labels, pairwise_cosine_loss, quantization_loss
-from audiohash.quantizers.semi import confident_agreement_loss, noisy_view, proxy_logits
+from audiohash.quantizers.dqn import (
+    confident_pseudo_labels, information_maximization_loss, pairwise_cosine_loss, propagated_label_scores,
+    quantization_loss,
+)
+from audiohash.quantizers.semi import confident_agreement_loss, instance_contrastive_loss, noisy_view, proxy_logits
 
 # Few optimizer steps: these tests check the plumbing, test_supervised_beats_pq the learning.
 FAST_DQN = {"steps": 60, "warmup_steps": 20, "refit_every": 20}
@@ -274,6 +277,16 @@ def test_confident_agreement_loss_hand_worked():
     assert clean_grad.grad is None  # the clean view is a fixed target
 
 
+def test_instance_contrastive_loss_hand_worked():
+    """Two orthonormal rows, views equal, temperature 1: each row's logits are (1, 0), so each
+    direction's cross-entropy is log(1 + e^-1); a swapped second view scores log(1 + e)."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # the norm does not matter: cosines
+    assert instance_contrastive_loss(z, z, 1.0).item() == pytest.approx(np.log1p(np.exp(-1.0)), rel=1e-6)
+    assert instance_contrastive_loss(z, z.flip(0), 1.0).item() == pytest.approx(np.log1p(np.exp(1.0)), rel=1e-6)
+    # A lower temperature sharpens: matched views cost less.
+    assert instance_contrastive_loss(z, z, 0.1).item() == pytest.approx(np.log1p(np.exp(-10.0)), abs=1e-7)
+
+
 def test_noisy_view():
     x = torch.ones(2000, 8)
     g = torch.Generator().manual_seed(0)
@@ -293,6 +306,63 @@ def test_semi_supervised_training_uses_the_unlabeled_rows(data):
     more_labels = np.concatenate([labels, np.full(200, -1)])
     semi = [fit("dqn_semi", 16, a, b).encode(x) for a, b in ((x, labels), (more, more_labels))]
     assert not np.array_equal(semi[0], semi[1])
+
+
+def test_information_maximization_loss_hand_worked():
+    """Mean row entropy minus the entropy of the mean row: -log 2 for two sure rows of two classes,
+    0 for two sure rows of one class (nothing spread) and for two undecided rows (nothing sure)."""
+    sure = 50.0
+    assert information_maximization_loss(torch.tensor([[sure, 0.0], [0.0, sure]])).item() == pytest.approx(-math.log(2), abs=1e-5)
+    assert information_maximization_loss(torch.tensor([[sure, 0.0], [sure, 0.0]])).item() == pytest.approx(0.0, abs=1e-5)
+    assert information_maximization_loss(torch.zeros(2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+    # One sure row, one undecided: (0 + log 2) / 2 - H((0.75, 0.25)).
+    expected = math.log(2) / 2 + (0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert information_maximization_loss(torch.tensor([[sure, 0.0], [0.0, 0.0]])).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_label_propagation_hand_worked():
+    """Two orthogonal groups of three rows, one labeled row in each: the labels spread inside each
+    group and not across (cosine 0 weighs 0); a row opposite to everyone is reached by nobody and
+    scores uniform."""
+    z = np.array([[1, 0], [1, 0.01], [1, -0.01], [0, 1], [0.01, 1], [-0.01, 1], [-1, -1]], np.float32)
+    targets = np.array([0, -1, -1, 1, -1, -1, -1])
+    scores = propagated_label_scores(z, targets, 2, k=2)
+    np.testing.assert_allclose(scores[:6], [[1, 0]] * 3 + [[0, 1]] * 3, atol=1e-6)
+    np.testing.assert_allclose(scores[6], [0.5, 0.5])
+    # The labeled rows' classes come out as given, and the rows sum to one.
+    np.testing.assert_allclose(scores.sum(1), 1.0)
+
+
+UNLABELED_TERMS = [("dqn_cls", "entropy_weight", 0.5), ("dqn_cls", "propagate_k", 5),
+                   ("dqn_semi", "contrastive_weight", 0.5), ("dqn_semi", "reconstruction_weight", 0.5)]
+
+
+@pytest.mark.parametrize("method,name,value", UNLABELED_TERMS)
+def test_each_optional_unlabeled_term_changes_training_deterministically(method, name, value, data):
+    """Each optional term on the unlabeled rows changes the codes, gives the same codes under the same
+    seed, and its value comes back with the bundle (with the codes)."""
+    x, labels, _ = data
+    base = {**FAST_DQN, "pseudo_rounds": 1}
+    with_term = [make_quantizer(method, 16, seed=2, **base, **{name: value}).fit(x, labels) for _ in range(2)]
+    np.testing.assert_array_equal(with_term[0].encode(x), with_term[1].encode(x))
+    plain = make_quantizer(method, 16, seed=2, **base).fit(x, labels)
+    assert not np.array_equal(with_term[0].encode(x), plain.encode(x))
+    again = load_quantizer(with_term[0].state())
+    assert getattr(again, name) == value
+    np.testing.assert_array_equal(again.encode(x), with_term[0].encode(x))
+    with pytest.raises(AudiohashError, match=name):
+        make_quantizer(method, 16, **{name: -1})
+
+
+def test_a_bundle_from_before_the_unlabeled_terms_loads_with_them_off(data):
+    """Bundles saved before entropy_weight / contrastive_weight existed were trained without them."""
+    x, labels, _ = data
+    for method, added in (("dqn_cls", ("entropy_weight", "propagate_k")),
+                          ("dqn_semi", ("contrastive_weight", "temperature", "reconstruction_weight"))):
+        state = make_quantizer(method, 16, **FAST_DQN).fit(x, labels).state()
+        old = {k: v for k, v in state.params.items() if k not in added}
+        q = load_quantizer(QuantizerState(state.method, old, state.arrays, state.torch_state))
+        assert all(getattr(q, name) == (0.1 if name == "temperature" else 0) for name in added)
 
 
 def test_a_bundle_from_before_self_training_is_refused_by_name(data):
