@@ -333,6 +333,21 @@ def test_label_propagation_hand_worked():
     np.testing.assert_allclose(scores.sum(1), 1.0)
 
 
+def test_label_propagation_on_a_large_graph_uses_hnsw_with_the_same_result(monkeypatch):
+    """Above EXACT_KNN_ROWS the k-NN graph comes from faiss HNSW; on well separated groups it finds
+    (nearly) the same neighbours: the same class for every row, scores within a few hundredths."""
+    import audiohash.quantizers.dqn as dqn
+
+    z, labels = clusters(5, 400, n_classes=4, d=16, sep=3.0)
+    targets = np.where(np.arange(400) % 10 == 0, labels, -1)
+    exact = propagated_label_scores(z, targets, 4, k=5)
+    monkeypatch.setattr(dqn, "EXACT_KNN_ROWS", 10)
+    approximate = propagated_label_scores(z, targets, 4, k=5)
+    np.testing.assert_array_equal(approximate.argmax(1), exact.argmax(1))
+    np.testing.assert_allclose(approximate, exact, atol=0.05)
+    assert (exact.argmax(1) == labels).mean() > 0.95  # and the propagation is right on such groups
+
+
 UNLABELED_TERMS = [("dqn_cls", "entropy_weight", 0.5), ("dqn_cls", "propagate_k", 5),
                    ("dqn_semi", "contrastive_weight", 0.5), ("dqn_semi", "reconstruction_weight", 0.5)]
 

@@ -75,12 +75,16 @@ def information_maximization_loss(logits: torch.Tensor) -> torch.Tensor:
     return row_entropy + (mean * torch.log(mean + 1e-8)).sum()
 
 
+EXACT_KNN_ROWS = 50_000  # label propagation's k-NN graph: exact up to this many rows, HNSW above
+
+
 def propagated_label_scores(z: np.ndarray, targets: np.ndarray, n_classes: int, k: int, alpha: float = 0.99,
                             gamma: float = 3.0, iterations: int = 20) -> np.ndarray:
     """Class scores (n, C), rows summing to 1, diffused from the labeled rows over a k-NN graph of z
     (label propagation: Zhou et al. NIPS 2003, as Iscen et al. CVPR 2019 use it for pseudo-labels).
 
-    Graph: each row's k nearest rows by cosine, weight max(cos, 0)^gamma, symmetrized, normalized
+    Graph: each row's k nearest rows by cosine (exact up to ``EXACT_KNN_ROWS`` rows, faiss HNSW
+    above), weight max(cos, 0)^gamma, symmetrized, normalized
     S = D^-1/2 W D^-1/2; scores F solve (I - alpha S) F = Y (Y one-hot of the labeled rows) by conjugate
     gradient, ``iterations`` steps per class. A row the diffusion does not reach scores uniform.
     """
@@ -89,7 +93,11 @@ def propagated_label_scores(z: np.ndarray, targets: np.ndarray, n_classes: int, 
 
     n = len(z)
     unit = np.ascontiguousarray(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), dtype=np.float32)
-    index = faiss.IndexFlatIP(unit.shape[1])
+    if n <= EXACT_KNN_ROWS:
+        index = faiss.IndexFlatIP(unit.shape[1])
+    else:  # a flat k-NN graph costs n^2 d: a graph index (HNSW) keeps large training sets tractable
+        index = faiss.IndexHNSWFlat(unit.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(64, 2 * k)
     index.add(unit)
     k = min(k, n - 1)
     sims, nbrs = index.search(unit, k + 1)
@@ -207,7 +215,8 @@ class DQN(AdcQuantizer):
         optimizer = torch.optim.Adam(params, lr=self.lr)
         pq = codebook_trainer(self.code_dim, self.n_subspaces, self.seed)
         x_lab = torch.from_numpy(xs[labeled])
-        x_unlab = torch.from_numpy(xs[~labeled])
+        # Unlabeled rows, copied only for a method with a loss on them.
+        x_unlab = torch.from_numpy(xs[~labeled]) if self._uses_unlabeled() else torch.zeros(0)
         batches: list[torch.Tensor] = []
         reconstruction = None
         for step in range(self.steps):
@@ -223,7 +232,7 @@ class DQN(AdcQuantizer):
                 loss = loss + self.quant_weight * quantization_loss(z, reconstruction[batch])
             if head is not None:
                 loss = loss + self._head_loss(head, z, classes[batch])
-            if len(x_unlab) and self._uses_unlabeled():
+            if len(x_unlab):
                 rows = torch.randint(len(x_unlab), (self.batch_size,))
                 loss = loss + self._unlabeled_loss(head, self.network(x_unlab[rows]))
             optimizer.zero_grad()
