@@ -103,8 +103,9 @@ def propagated_label_scores(z: np.ndarray, targets: np.ndarray, n_classes: int, 
     sims, nbrs = index.search(unit, k + 1)
     rows = np.repeat(np.arange(n), k + 1)
     weights = np.maximum(sims, 0).ravel() ** gamma
-    keep = (nbrs.ravel() != rows) & (nbrs.ravel() >= 0)
-    w = sparse.csr_matrix((weights[keep], (rows[keep], nbrs.ravel()[keep])), shape=(n, n))
+    cols = nbrs.ravel()
+    keep = (cols != rows) & (cols >= 0)  # not the row itself, nor an empty HNSW slot
+    w = sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])), shape=(n, n))
     w = w + w.T
     degree = np.asarray(w.sum(1)).ravel()
     inv_sqrt = sparse.diags(1 / np.sqrt(np.maximum(degree, 1e-12)))
@@ -115,8 +116,11 @@ def propagated_label_scores(z: np.ndarray, targets: np.ndarray, n_classes: int, 
         if y.any():
             scores[:, c] = cg(system, y, maxiter=iterations)[0]
     scores = np.maximum(scores, 0)
-    total = scores.sum(1, keepdims=True)
-    return np.where(total > 0, scores / np.where(total > 0, total, 1), 1.0 / n_classes)
+    total = scores.sum(1)
+    reached = total > 0
+    out = np.full_like(scores, 1.0 / n_classes)
+    out[reached] = scores[reached] / total[reached, None]
+    return out
 
 
 def make_network(input_dim: int, hidden: int, code_dim: int, dropout: float) -> nn.Sequential:
@@ -144,9 +148,8 @@ class DQN(AdcQuantizer):
     _HYPER = ("code_dim", "hidden", "steps", "warmup_steps", "refit_every", "batch_size", "lr", "dropout",
               "quant_weight", "dissimilar")
     # Hyper-parameters added after bundles existed, with the value that trains as before they existed:
-    # a bundle without them was trained that way.
-    _HYPER_ADDED_OFF = {"entropy_weight": 0.0, "contrastive_weight": 0.0, "temperature": 0.1, "propagate_k": 0,
-                        "reconstruction_weight": 0.0}
+    # a bundle without them was trained that way (each method names its own).
+    _HYPER_ADDED_OFF: dict = {}
 
     def __init__(self, n_bits: int, seed: int = 0, code_dim: int | None = None, hidden: int = 512,
                  steps: int = 1500, warmup_steps: int = 300, refit_every: int = 100, batch_size: int = 256,
@@ -314,6 +317,7 @@ class DQNCls(DQN):
 
     method = "dqn_cls"
     _HYPER = DQN._HYPER + ("cls_weight", "pseudo_rounds", "pseudo_per_label", "entropy_weight", "propagate_k")
+    _HYPER_ADDED_OFF = {"entropy_weight": 0.0, "propagate_k": 0}
 
     def __init__(self, n_bits: int, seed: int = 0, cls_weight: float = 1.0, pseudo_rounds: int = 2,
                  pseudo_per_label: float = 4.0, entropy_weight: float = 0.0, propagate_k: int = 10, **hyper):

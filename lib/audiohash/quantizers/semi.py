@@ -88,6 +88,7 @@ class SemiDQN(DQN):
     _HYPER = DQN._HYPER + ("scale", "noise", "mask", "unlabeled_batch", "consistency_weight", "pseudo_weight",
                            "confidence", "pseudo_rounds", "pseudo_per_label", "contrastive_weight", "temperature",
                            "reconstruction_weight")
+    _HYPER_ADDED_OFF = {"contrastive_weight": 0.0, "temperature": 0.1, "reconstruction_weight": 0.0}
 
     def __init__(self, n_bits: int, seed: int = 0, scale: float = 16.0, noise: float = 0.5, mask: float = 0.2,
                  unlabeled_batch: int = 512, consistency_weight: float = 0.0, pseudo_weight: float = 0.0,
