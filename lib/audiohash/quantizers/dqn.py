@@ -310,9 +310,9 @@ class DQNCls(DQN):
       k 10: 46.7);
     - ``entropy_weight``: information maximization on the unlabeled rows' head outputs (SHOT, GPQ's
       entropy terms, ``information_maximization_loss``): 0.3 44.3, 1.0 41.4: off by default.
-    Most pseudo-labels land on the labeled recording chain's own rows (a probe: 720 of 798 in the
-    first round, 99% right, against 65% right on the other chain); choosing them per chain scored
-    46.5 (not built).
+    Most pseudo-labels land on the labeled recording chain's own rows (an ad hoc probe, not in the
+    repository: 720 of 798 in the first round, 99% right, against 65% right on the other chain);
+    choosing them per chain scored 46.5 (not built).
     """
 
     method = "dqn_cls"
