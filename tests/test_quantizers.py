@@ -348,7 +348,7 @@ def test_label_propagation_on_a_large_graph_uses_hnsw_with_the_same_result(monke
     assert (exact.argmax(1) == labels).mean() > 0.95  # and the propagation is right on such groups
 
 
-UNLABELED_TERMS = [("dqn_cls", "entropy_weight", 0.5), ("dqn_cls", "propagate_k", 5),
+UNLABELED_TERMS = [("dqn_cls", "entropy_weight", 0.5), ("dqn_cls", "propagate_k", 5), ("dqn_cls", "head_share", 1.0),
                    ("dqn_semi", "contrastive_weight", 0.5), ("dqn_semi", "reconstruction_weight", 0.5)]
 
 
@@ -372,7 +372,7 @@ def test_each_optional_unlabeled_term_changes_training_deterministically(method,
 def test_a_bundle_from_before_the_unlabeled_terms_loads_with_them_off(data):
     """Bundles saved before entropy_weight / contrastive_weight existed were trained without them."""
     x, labels, _ = data
-    for method, added in (("dqn_cls", ("entropy_weight", "propagate_k")),
+    for method, added in (("dqn_cls", ("entropy_weight", "propagate_k", "head_share")),
                           ("dqn_semi", ("contrastive_weight", "temperature", "reconstruction_weight"))):
         state = make_quantizer(method, 16, **FAST_DQN).fit(x, labels).state()
         old = {k: v for k, v in state.params.items() if k not in added}
