@@ -294,8 +294,8 @@ class DQNCls(DQN):
 
     The head pulls each class into its own linearly separable region of the code space, which
     the pairwise loss alone only enforces between pairs seen in a batch. After the first training
-    run, each of ``pseudo_rounds`` rounds labels the unlabeled rows the head is most sure of
-    (per class, up to round x ``pseudo_per_label`` x its labeled count, see
+    run, each of ``pseudo_rounds`` rounds labels the unlabeled rows whose class scores (below) are
+    highest (per class, up to round x ``pseudo_per_label`` x its labeled count, see
     ``confident_pseudo_labels``) and trains a fresh network on the given and those labels. The
     given labels are never replaced. Same codes, same query path.
 
