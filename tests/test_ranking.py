@@ -93,6 +93,33 @@ def test_ties_at_the_cut_do_not_depend_on_the_partitioning(method):
             assert list(zip(D[row].tolist(), got[row].tolist())) == expected, (sizes, row)
 
 
+def test_merge_equals_a_sort_by_distance_then_clip_id():
+    """Random partitions with many equal, negative, signed-zero and unfilled (+inf) distances:
+    the merge keeps the k smallest (distance, clip_id) pairs of each query, in that order."""
+    from audiohash.ranking import PartitionTopK
+
+    rng = np.random.default_rng(5)
+    nq, values = 9, np.array([-2.5, -0.0, 0.0, 0.5, 1.0, 3.0, np.inf], np.float32)
+    for k in (1, 4, 12, 40):
+        parts, pairs = [], [[] for _ in range(nq)]
+        pool = rng.permutation(1000)  # each partition's clips sorted, interleaved with the others'
+        for p in range(3):
+            ids = np.array(sorted(f"c{i:04d}" for i in pool[30 * p:30 * p + 30]), object)
+            width = min(k, len(ids))
+            local = np.stack([rng.choice(len(ids), width, replace=False) for _ in range(nq)]).astype(np.int32)
+            D = np.sort(values[rng.integers(0, len(values), (nq, width))], axis=1)
+            parts.append(PartitionTopK(D, local, pa.array(list(ids))))
+            for row in range(nq):
+                pairs[row] += [(0.0 if d == 0 else float(d), ids[i]) for d, i in zip(D[row], local[row])]
+        D, got = merge_topk(parts, k)
+        for row in range(nq):
+            expected = sorted(pairs[row])[:k]
+            assert D[row].tolist() == [d for d, _ in expected], (k, row)
+            finite = np.isfinite(D[row])
+            assert got[row][finite].tolist() == [c for d, c in expected if np.isfinite(d)], (k, row)
+            assert all(c is None for c in got[row][~finite])
+
+
 def test_empty_partition_and_k_larger_than_partition(pq_setup):
     q, codes, xq = pq_setup
     empty = scan_partition([], q, q.query_side(xq), 10)

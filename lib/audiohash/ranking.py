@@ -223,27 +223,43 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
 
     Returns D float32 (nq, k') and clip ids object (nq, k'), k' = min(k, candidates), sorted by
     (distance, clip_id).
+
+    Only the candidates at or under a query's k-th smallest distance can reach its top k, so
+    only their clip ids are sorted (the tie-breaker); the order is one integer key per candidate,
+    the distance's bits then the clip id's rank, partially sorted per query.
     """
     parts = [p for p in parts if p.distances.shape[1]]
     if not parts:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), object)
-    all_ids = pa.concat_arrays([p.clip_ids.cast(pa.string()) for p in parts])
-    order = pc.sort_indices(all_ids).to_numpy()
-    ordinal = np.empty(len(all_ids), np.int64)
-    ordinal[order] = np.arange(len(all_ids))  # rank of each clip id in sorted order: the tie-breaker
+    D = np.hstack([p.distances for p in parts]).astype(np.float32) + np.float32(0)  # -0.0 -> +0.0
     offsets = np.cumsum([0] + [len(p.clip_ids) for p in parts[:-1]])
-    D = np.hstack([p.distances for p in parts])
-    O = np.hstack([ordinal[off + p.local_ids] for off, p in zip(offsets, parts)])
+    G = np.hstack([off + p.local_ids.astype(np.int64) for off, p in zip(offsets, parts)])  # into all_ids
     keep = min(k, D.shape[1])
-    # lexsort: last key is primary -> distance first, then clip-id ordinal.
-    pick = np.lexsort((O, D), axis=-1)[:, :keep]
-    D = np.take_along_axis(D, pick, axis=1)
-    O = np.take_along_axis(O, pick, axis=1)
+    contenders = D <= np.partition(D, keep - 1, axis=1)[:, keep - 1:keep]
+    all_ids = pa.concat_arrays([p.clip_ids.cast(pa.string()) for p in parts])
+    is_needed = np.zeros(len(all_ids), bool)
+    is_needed[G[contenders]] = True
+    needed = np.flatnonzero(is_needed)
+    order = pc.sort_indices(all_ids.take(pa.array(needed))).to_numpy()
+    rank = np.full(len(all_ids), len(needed), np.int64)  # the rest: after every contender
+    rank[needed[order]] = np.arange(len(needed))
+    key = (_sortable_bits(D) << np.uint64(32)) | rank[G].astype(np.uint64)
+    pick = np.argpartition(key, keep - 1, axis=1)[:, :keep] if keep < D.shape[1] else \
+        np.broadcast_to(np.arange(keep), (len(D), keep))
+    pick = np.take_along_axis(pick, np.argsort(np.take_along_axis(key, pick, axis=1), axis=1), axis=1)
+    D, G = np.take_along_axis(D, pick, axis=1), np.take_along_axis(G, pick, axis=1)
     # Only the kept ids become Python strings; places no code filled (fewer than k codes in the
     # probed lists) hold None at distance +inf.
-    ids = all_ids.take(pa.array(order[O.ravel()])).to_numpy(zero_copy_only=False).reshape(O.shape)
+    ids = all_ids.take(pa.array(G.ravel())).to_numpy(zero_copy_only=False).reshape(G.shape)
     ids[~np.isfinite(D)] = None
     return D, ids
+
+
+def _sortable_bits(D: np.ndarray) -> np.ndarray:
+    """float32 -> uint64 holding 32 bits in the floats' order (negative floats' bits flipped, the
+    others' sign bit set), so that integer order is distance order."""
+    bits = np.ascontiguousarray(D, np.float32).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
 
 
 def ranking_mismatch(D: np.ndarray, ids: np.ndarray, D_ref: np.ndarray, ids_ref: np.ndarray, complete: bool,
