@@ -3,6 +3,7 @@ for DQN codes (asymmetric distance through the network) and ITQ codes (Hamming),
 batching: rankings by (distance, clip_id), with the many equal distances such codes produce."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def encoded(request, spark, tmp_path_factory):
 def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_read):
     from audiohash.in_process import search_table
     from audiohash.ranking import ranking_mismatch
-    from audiohash.spark.query import ScanParams, search_codes
+    from audiohash.spark.query import SEARCH_STAGES, ScanParams, search_codes
     from audiohash.spark.tables import table_state
     from audiohash.tracking import load_registered_bundle
 
@@ -57,14 +58,51 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_r
     assert D_ref.shape == (len(xq), N_DB)
     assert any(len(np.unique(d)) < len(d) for d in D_ref), "no equal distances: tie-breaking not exercised"
     for query_batch in (1000, 34) if direct_read else (34,):  # one batch and 3 (Spark's reader: 3)
+        started = time.perf_counter()
         found = search_codes(spark, bundle, xq, ScanParams(table, K, query_batch, direct_read=direct_read))
+        elapsed = time.perf_counter() - started
         D, got = found.distances, found.clip_ids
+        # Where the time went: every stage timed, the scan job not free, no time counted twice.
+        assert list(found.stage_seconds) == list(SEARCH_STAGES)
+        assert found.stage_seconds["spark_job"] > 0 and sum(found.stage_seconds.values()) <= elapsed
         assert found.version == version and found.codes_per_query == N_DB
         # This local Delta table is plain Parquet: the tasks read its files themselves where allowed.
         assert found.files_read == (len(table_state(spark, table).files) if direct_read else None)
         assert ranking_mismatch(D, got, D_ref, ids_ref, complete=True) is None
         tied = D[:, 1:] == D[:, :-1]
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"
+
+
+def test_more_file_groups_than_cores_are_scanned_by_one_task_per_core(spark, encoded, monkeypatch):
+    """Groups of at most 1 byte: one group per data file, more groups than the 2 cores; each of
+    the 2 tasks scans its groups one after another, and the ranking stays the in-process one."""
+    from audiohash.in_process import search_table
+    from audiohash.ranking import ranking_mismatch
+    from audiohash.spark import query
+    from audiohash.spark.tables import table_state
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, xq = encoded
+    bundle = load_registered_bundle(cfg)
+    table = cfg.lake.table("codes")
+    files = table_state(spark, table).files
+    assert len(files) > spark.sparkContext.defaultParallelism, "not more files than cores: nothing to group"
+    D_ref, ids_ref, _ = search_table(table, bundle, xq, N_DB)
+    monkeypatch.setattr(query, "SCAN_TASK_BYTES", 1)
+    stats = []
+    sc = spark.sparkContext
+    sc.setJobGroup("more-groups-than-cores", "the scan of test_more_file_groups_than_cores")
+    try:
+        found = query.search_codes(spark, bundle, xq, query.ScanParams(table, K, 1000), stats)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)  # later jobs of this thread: no group
+    tracker = sc.statusTracker()
+    stages = [tracker.getStageInfo(stage) for job in tracker.getJobIdsForGroup("more-groups-than-cores")
+              for stage in tracker.getJobInfo(job).stageIds]
+    assert stages and max(stage.numTasks for stage in stages) == sc.defaultParallelism
+    assert len(stats) == len(files) and found.files_read == len(files)  # a record per group, every file once
+    assert sum(s.rows for s in stats) == N_DB
+    assert ranking_mismatch(found.distances, found.clip_ids, D_ref, ids_ref, complete=True) is None
 
 
 def test_queries_of_another_extractor_are_refused_before_anything_is_written(spark, encoded, tmp_path):
@@ -190,6 +228,7 @@ def test_query_job_probes_lists_for_top_r_and_ranks_every_code_for_map_at_all(sp
     params = QueryParams.from_config(cfg, results_table=str(tmp_path / "results"), float_reference=False)
     probed = query_and_evaluate(spark, bundle, dataclasses.replace(params, top_r=K, nprobe=2))
     assert probed.metrics["nprobe"] == 2 and probed.metrics["codes_per_query"] < N_DB
+    assert probed.metrics["search_spark_job_s"] > 0  # the stages of the search, logged with the run
     assert 0 < probed.metrics[f"ivf_recall_at_{K}"] < 1  # evaluation mode: against every code's ranking
     every = query_and_evaluate(spark, bundle, dataclasses.replace(params, top_r=0, nprobe=2))
     assert every.metrics["nprobe"] == 0 and every.metrics["codes_per_query"] == N_DB

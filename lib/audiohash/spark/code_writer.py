@@ -140,7 +140,7 @@ def count_coded(spark: SparkSession, codes_table: str, clip_ids: pa.Array) -> in
     the matches (no code row goes through the JVM); else a semi-join on Spark's reader."""
     state = table_state(spark, codes_table)
     coded = spark.read.format("delta").option("versionAsOf", state.version).load(codes_table)
-    groups = direct_read_groups(coded, state, ["clip_id"], SCAN_TASK_BYTES, state.version)
+    groups = direct_read_groups(spark, lambda: coded, state, ["clip_id"], SCAN_TASK_BYTES, state.version)
     if groups is None:
         new = spark.createDataFrame(pa.table({"clip_id": clip_ids}))
         return coded.select("clip_id").join(F.broadcast(new), on="clip_id", how="left_semi").count()

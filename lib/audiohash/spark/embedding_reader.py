@@ -70,7 +70,7 @@ def embedding_rows(spark: SparkSession, embeddings_table: str, version: int, spl
     frame = read_rows(spark, embeddings_table, version, splits, files)
     rows = EmbeddingRows(frame, tuple(splits))
     if direct_read:
-        rows.file_groups = direct_read_groups(frame, state, encode_columns(splits), ENCODE_TASK_BYTES,
+        rows.file_groups = direct_read_groups(spark, lambda: frame, state, encode_columns(splits), ENCODE_TASK_BYTES,
                                               version if files is None else None)
     log.info("encode reads %s", f"{sum(map(len, rows.file_groups))} files in {len(rows.file_groups)} tasks"
              if rows.file_groups is not None else "rows from Spark's Delta reader")

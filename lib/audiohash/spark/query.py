@@ -8,13 +8,14 @@ times less to ship than the tables themselves).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from delta.tables import DeltaTable
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from audiohash import faults, ivf
@@ -64,6 +65,15 @@ class ScanResult:
     files_read: int | None  # data files the scan tasks read themselves; None: Spark's Delta reader fed them
     codes_per_query: float  # codes each query was compared with (mean over queries)
     nprobe: int = 0  # lists probed per query; 0: exhaustive
+    # Where the driver's time went, summed over query batches (``SEARCH_STAGES``).
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
+
+
+# The stages of ``search_codes`` as the driver sees them: "plan" = the table's state, its files
+# and the bundle's broadcast; "batch_plan" = per query batch, the query side, the probed lists,
+# their broadcast and the probed shards' files; "spark_job" = the scan job, from submitting it to
+# its collected rows (the tasks' own scan seconds are in ``stats``); "merge" = the global top-k.
+SEARCH_STAGES = ("plan", "batch_plan", "spark_job", "merge")
 
 
 def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, scan: ScanParams,
@@ -81,6 +91,15 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     the rows from Spark's Delta reader.
     """
     codes_table, k, query_batch, memory_budget_mb = scan.codes_table, scan.k, scan.query_batch, scan.memory_budget_mb
+    seconds = dict.fromkeys(SEARCH_STAGES, 0.0)
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:  # the time since the last lap goes to ``stage``
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] += now - clock
+        clock = now
+
     # Which model wrote the rows is in the lineage encode commits with them (one model per table
     # version: a new model version is a full reindex); checked before anything is scanned.
     version, lineage = code_table_state(spark, codes_table)
@@ -88,18 +107,32 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     quantizer = bundle.quantizer
     nprobe = min(scan.nprobe, quantizer.nlist)
     columns = ["clip_id", "code", "list_id"] if nprobe else ["clip_id", "code"]
-    table_rows = spark.read.format("delta").option("versionAsOf", version).load(codes_table)
-    codes = table_rows.select(*columns)
+
+    @functools.cache
+    def read_rows(shards: tuple[int, ...] | None = None) -> DataFrame:
+        """The version's rows (of these shards only) on Spark's Delta reader: for the tasks when
+        they do not read the files themselves, or for the file listing of an older version. Built
+        only where used: a warm probed search of the latest version needs no DataFrame at all."""
+        rows = spark.read.format("delta").option("versionAsOf", version).load(codes_table)
+        return (rows if shards is None else rows.filter(F.col("shard").isin(list(shards)))).select(*columns)
+
     if k >= 100_000:  # "whole database": size the batches by the table (a metadata-only count)
-        k = min(k, codes.count())
+        k = min(k, read_rows().count())
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    cores = max(1, sc.defaultParallelism // task_cpus)
     cache_bytes = scan.lists_cache_mb << 20
+    # Files per group: a group is read at once, and with lists it is the unit a worker keeps for
+    # later searches (``ranking.cached_list_codes``): up to half the lists cache (listed codes take
+    # about 1.7 x their Parquet bytes), so that one group per core fits where it can. One search
+    # over more groups than cores cost more (tasks in waves, each group's top-k merged on the
+    # driver) than the scan: 16M codes, ``benchmarks/ivf_profile.py``.
+    group_bytes = max(SCAN_TASK_BYTES, cache_bytes // 2) if nprobe else SCAN_TASK_BYTES
     state = table_state(spark, codes_table)
     groups = None  # data files per scan task, when the tasks read them directly
     if scan.direct_read:
-        groups = direct_read_groups(codes, state, columns, SCAN_TASK_BYTES, version)
+        groups = direct_read_groups(spark, read_rows, state, columns, group_bytes, version)
     if groups is not None:
         groups = groups or [[]]  # an empty table: one task that scans nothing
         n_files = len(groups)
@@ -113,17 +146,18 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     batches = plan_query_batches(len(queries), query_batch, k, n_files, quantizer.code_size * 256 * 4,
                                  memory_budget_mb << 20)
     all_D, all_ids, compared, files_read = [], [], 0, set()
+    lap("plan")
     for b, (start, stop) in enumerate(batches):
         started = time.time()
         query_side = quantizer.query_side(queries[start:stop])
         probes = ivf.nearest_lists(query_side, quantizer.ivf_centroids, nprobe) if nprobe else None
         shipped = sc.broadcast((query_side, probes))
-        batch_groups, batch_rows = groups, codes
+        batch_groups, batch_rows = groups, read_rows
         if nprobe:  # only the shards of the probed lists (a shard holds a range of lists)
             shards = set(shard_of_lists(probes, quantizer.nlist, lineage.n_shards).ravel().tolist())
-            batch_rows = table_rows.filter(F.col("shard").isin(sorted(shards))).select(*columns)
+            batch_rows = functools.partial(read_rows, tuple(sorted(shards)))
             if groups is not None:
-                batch_groups = direct_read_groups(batch_rows, state, columns, SCAN_TASK_BYTES, version,
+                batch_groups = direct_read_groups(spark, batch_rows, state, columns, group_bytes, version,
                                                   keep=lambda partition: partition.get("shard") in shards) or [[]]
 
         def scan(read, files=None, shipped=shipped):
@@ -145,32 +179,44 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
             return part
 
         if batch_groups is not None:
-            def scan_files(i, scan=scan, batch_groups=batch_groups):  # runs in task i: reads and scans its files
-                files = tuple(batch_groups[i])
-                yield partition_record(scan(lambda: read_parquet_files(files, columns), files))
+            # One task per core, each scanning its groups of files one after another (a group's
+            # rows at a time in memory; its lists stay in the worker): a second wave of tasks cost
+            # more in Spark's per-task time than the waves balanced.
+            n_tasks = min(cores, len(batch_groups))
 
-            rows = indexed_tasks(spark, len(batch_groups), scan_files, SCAN_OUTPUT_DDL)
+            def scan_files(i, scan=scan, batch_groups=batch_groups, n_tasks=n_tasks):  # runs in task i
+                for files in map(tuple, batch_groups[i::n_tasks]):
+                    yield partition_record(scan(lambda files=files: read_parquet_files(files, columns), files))
+
+            rows = indexed_tasks(spark, n_tasks, scan_files, SCAN_OUTPUT_DDL)
             files_read.update(uri for group in batch_groups for uri in group)
         else:
             def scan_rows(batches, scan=scan):
                 yield partition_record(scan(lambda: batches))
 
-            rows = batch_rows.mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
+            rows = batch_rows().mapInArrow(scan_rows, SCAN_OUTPUT_DDL)
+        lap("batch_plan")
         with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(SCAN_BATCH_ROWS)}):
             parts = partitions_from_table(rows.toArrow(), stop - start)
+        lap("spark_job")
         if stats is not None:
             stats += partition_stats(f"scan batch {b + 1}/{len(batches)}", [p.scanned_rows for p in parts],
                                      [p.seconds for p in parts])
         D, ids = merge_topk(parts, k)
+        lap("merge")
         compared += sum(p.compared for p in parts)
         all_D.append(D)
         all_ids.append(ids)
         shipped.unpersist()
         log.info("query batch %d/%d: %d queries, top-%d of %s v%d in %.2f s", b + 1, len(batches), stop - start,
                  D.shape[1], codes_table, version, time.time() - started)
+        lap("batch_plan")
     payload.unpersist()
+    lap("plan")
+    log.info("search stages (s): %s", ", ".join(f"{stage} {t:.3f}" for stage, t in seconds.items()))
     return ScanResult(_stack(all_D, np.inf), _stack(all_ids, None), version,
-                      None if groups is None else len(files_read), compared / max(1, len(queries)), nprobe)
+                      None if groups is None else len(files_read), compared / max(1, len(queries)), nprobe,
+                      seconds)
 
 
 def _stack(blocks: list[np.ndarray], fill) -> np.ndarray:
@@ -269,7 +315,8 @@ def query_and_evaluate(spark: SparkSession, bundle: ModelBundle, params: QueryPa
     seconds = time.time() - started
     R = ranked_ids.shape[1]
     metrics = {"query_s": seconds, "queries_per_s": len(xq) / seconds, "n_queries": len(xq), "R": R,
-               "codes_per_query": found.codes_per_query, "nprobe": found.nprobe}
+               "codes_per_query": found.codes_per_query, "nprobe": found.nprobe,
+               **{f"search_{stage}_s": t for stage, t in found.stage_seconds.items()}}
     metrics.update(report_partition_stats(scan_stats, "scan"))  # executors' rows and seconds
     if p.evaluate and found.nprobe:  # what the lists cost: recall against every code's ranking
         every = search_codes(spark, bundle, xq, dataclasses.replace(scan, nprobe=0))

@@ -108,26 +108,26 @@ def append_delta(df: DataFrame, path: str, ddl: str | None = None) -> int:
     return table_version(df.sparkSession, path)
 
 
-def direct_read_groups(rows: DataFrame, state: TableState, columns: list[str], max_task_bytes: int,
-                       version: int | None, keep: Callable[[dict], bool] | None = None) -> list[list[str]] | None:
-    """The data files behind ``rows`` grouped into tasks that read them with pyarrow
+def direct_read_groups(spark: SparkSession, rows: Callable[[], DataFrame], state: TableState, columns: list[str],
+                       max_task_bytes: int, version: int | None,
+                       keep: Callable[[dict], bool] | None = None) -> list[list[str]] | None:
+    """The data files behind ``rows()`` grouped into tasks that read them with pyarrow
     (``table_files.balance_files``: one task per core while a task stays under ``max_task_bytes``);
     None where they do not qualify (``table_files.direct_readable``) and Spark's reader must feed
-    the tasks. ``rows``: ``version`` of the table whose latest state is ``state`` (its files come
-    from ``state`` when that is the latest and lists them), or given Parquet files of it
-    (``version`` None: Spark lists them). ``keep``: only the files whose partition values
-    ({column: value}) it accepts (with ``version`` the latest)."""
+    the tasks. ``rows()``: ``version`` of the table whose latest state is ``state`` (its files come
+    from ``state`` when that is the latest and lists them: ``rows`` is then never called), or given
+    Parquet files of it (``version`` None: Spark lists them). ``keep``: only the files whose
+    partition values ({column: value}) it accepts (with ``version`` the latest)."""
     if state.min_reader_version != 1 or state.files is None:
         return None  # cannot qualify (a table off local storage has no files listed): spare the listing
     if version == state.version:
         chosen = [i for i in range(len(state.files)) if keep is None or keep(state.partitions[i])]
         uris, sizes = [state.files[i] for i in chosen], [state.sizes[i] for i in chosen]
     else:  # given files of the version (the listing Spark's scan would make, fully qualified)
-        uris = rows.inputFiles()
+        uris = rows().inputFiles()
         sizes = [os.path.getsize(fs.FileSystem.from_uri(u)[1]) for u in uris]
     if not direct_readable(state.min_reader_version, state.partition_columns, uris, columns):
         return None
-    spark = rows.sparkSession
     cores = max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
     return [[uris[i] for i in group] for group in balance_files(sizes, cores, max_task_bytes)]
 
