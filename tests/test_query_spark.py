@@ -73,38 +73,6 @@ def test_distributed_ranking_equals_one_in_process_scan(spark, encoded, direct_r
         assert (got[:, 1:][tied] > got[:, :-1][tied]).all(), "equal distances not ordered by clip_id"
 
 
-def test_more_file_groups_than_cores_are_scanned_by_one_task_per_core(spark, encoded, monkeypatch):
-    """Groups of at most 1 byte: one group per data file, more groups than the 2 cores; each of
-    the 2 tasks scans its groups one after another, and the ranking stays the in-process one."""
-    from audiohash.in_process import search_table
-    from audiohash.ranking import ranking_mismatch
-    from audiohash.spark import query
-    from audiohash.spark.tables import table_state
-    from audiohash.tracking import load_registered_bundle
-
-    cfg, xq = encoded
-    bundle = load_registered_bundle(cfg)
-    table = cfg.lake.table("codes")
-    files = table_state(spark, table).files
-    assert len(files) > spark.sparkContext.defaultParallelism, "not more files than cores: nothing to group"
-    D_ref, ids_ref, _ = search_table(table, bundle, xq, N_DB)
-    monkeypatch.setattr(query, "SCAN_TASK_BYTES", 1)
-    stats = []
-    sc = spark.sparkContext
-    sc.setJobGroup("more-groups-than-cores", "the scan of test_more_file_groups_than_cores")
-    try:
-        found = query.search_codes(spark, bundle, xq, query.ScanParams(table, K, 1000), stats)
-    finally:
-        sc.setLocalProperty("spark.jobGroup.id", None)  # later jobs of this thread: no group
-    tracker = sc.statusTracker()
-    stages = [tracker.getStageInfo(stage) for job in tracker.getJobIdsForGroup("more-groups-than-cores")
-              for stage in tracker.getJobInfo(job).stageIds]
-    assert stages and max(stage.numTasks for stage in stages) == sc.defaultParallelism
-    assert len(stats) == len(files) and found.files_read == len(files)  # a record per group, every file once
-    assert sum(s.rows for s in stats) == N_DB
-    assert ranking_mismatch(found.distances, found.clip_ids, D_ref, ids_ref, complete=True) is None
-
-
 def test_queries_of_another_extractor_are_refused_before_anything_is_written(spark, encoded, tmp_path):
     import dataclasses
 
@@ -181,6 +149,48 @@ def test_probed_scan_equals_the_in_process_scan_of_the_same_lists(spark, ivf_lak
     if direct_read:
         D_all, ids_all, _ = search_table(table, bundle, xq, K)  # every list probed: the exhaustive ranking
         assert ranking_mismatch(found.distances, found.clip_ids, D_all, ids_all, complete=True) is None
+
+
+def scan_tasks(spark, search) -> int:
+    """The most tasks of any stage of the Spark jobs that ``search()`` runs (Spark's status tracker)."""
+    sc = spark.sparkContext
+    group = f"scan-tasks-{time.monotonic_ns()}"  # this search's jobs only
+    sc.setJobGroup(group, "counting the scan's tasks")
+    try:
+        search()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)  # later jobs of this thread: no group
+    tracker = sc.statusTracker()
+    stages = [tracker.getStageInfo(stage) for job in tracker.getJobIdsForGroup(group)
+              for stage in tracker.getJobInfo(job).stageIds]
+    return max(stage.numTasks for stage in stages)
+
+
+def test_a_probed_scan_groups_files_by_the_lists_cache_an_exhaustive_one_by_bytes(spark, ivf_lake, monkeypatch):
+    """With exhaustive groups of at most 1 byte (one data file each), the probed scan still reads
+    the table in one task per core (groups up to half the lists cache) and ranks as in-process."""
+    from audiohash.in_process import search_table
+    from audiohash.ranking import ranking_mismatch
+    from audiohash.spark import query
+    from audiohash.spark.tables import table_state
+    from audiohash.tracking import load_registered_bundle
+
+    cfg, xq = ivf_lake
+    bundle = load_registered_bundle(cfg)
+    table = cfg.lake.table("codes")
+    n_files, cores = len(table_state(spark, table).files), spark.sparkContext.defaultParallelism
+    assert n_files > cores, "not more files than cores: nothing to group"
+    monkeypatch.setattr(query, "SCAN_TASK_BYTES", 1)
+    assert scan_tasks(spark, lambda: query.search_codes(
+        spark, bundle, xq, query.ScanParams(table, K, 1000, nprobe=0))) == n_files
+    found = []
+    assert scan_tasks(spark, lambda: found.append(query.search_codes(
+        spark, bundle, xq, query.ScanParams(table, K, 1000, nprobe=NLIST)))) == cores
+    D_ref, ids_ref, _ = search_table(table, bundle, xq, K, nprobe=NLIST)
+    assert ranking_mismatch(found[0].distances, found[0].clip_ids, D_ref, ids_ref, complete=True) is None
+    # No lists cache: the probed scan's groups are the exhaustive scan's.
+    assert scan_tasks(spark, lambda: query.search_codes(
+        spark, bundle, xq, query.ScanParams(table, K, 1000, nprobe=NLIST, lists_cache_mb=0))) == n_files
 
 
 def test_files_of_unprobed_lists_are_never_read_and_appended_codes_land_in_their_lists(spark, ivf_lake, tmp_path):

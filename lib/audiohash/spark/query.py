@@ -121,13 +121,13 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
     sc = spark.sparkContext
     payload = sc.broadcast(bundle_to_bytes(bundle))
     task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
-    cores = max(1, sc.defaultParallelism // task_cpus)
     cache_bytes = scan.lists_cache_mb << 20
-    # Files per group: a group is read at once, and with lists it is the unit a worker keeps for
-    # later searches (``ranking.cached_list_codes``): up to half the lists cache (listed codes take
-    # about 1.7 x their Parquet bytes), so that one group per core fits where it can. One search
-    # over more groups than cores cost more (tasks in waves, each group's top-k merged on the
-    # driver) than the scan: 16M codes, ``benchmarks/ivf_profile.py``.
+    # Files per scan task: a task reads its group at once, and with lists the group is the unit a
+    # worker keeps for later searches (``ranking.cached_list_codes``): up to half the lists cache
+    # (listed codes take about 1.7 x their Parquet bytes), so that one task per core covers the
+    # table where the cache can hold it. At 16M codes the 128 MB groups of an exhaustive scan made
+    # 4 probed tasks in two waves on 2 cores, each wave paying Spark's per-task time
+    # (``benchmarks/ivf_profile.py``). An exhaustive scan keeps 128 MB: nothing is kept there.
     group_bytes = max(SCAN_TASK_BYTES, cache_bytes // 2) if nprobe else SCAN_TASK_BYTES
     state = table_state(spark, codes_table)
     groups = None  # data files per scan task, when the tasks read them directly
@@ -179,16 +179,11 @@ def search_codes(spark: SparkSession, bundle: ModelBundle, queries: np.ndarray, 
             return part
 
         if batch_groups is not None:
-            # One task per core, each scanning its groups of files one after another (a group's
-            # rows at a time in memory; its lists stay in the worker): a second wave of tasks cost
-            # more in Spark's per-task time than the waves balanced.
-            n_tasks = min(cores, len(batch_groups))
+            def scan_files(i, scan=scan, batch_groups=batch_groups):  # runs in task i: reads and scans its files
+                files = tuple(batch_groups[i])
+                yield partition_record(scan(lambda: read_parquet_files(files, columns), files))
 
-            def scan_files(i, scan=scan, batch_groups=batch_groups, n_tasks=n_tasks):  # runs in task i
-                for files in map(tuple, batch_groups[i::n_tasks]):
-                    yield partition_record(scan(lambda files=files: read_parquet_files(files, columns), files))
-
-            rows = indexed_tasks(spark, n_tasks, scan_files, SCAN_OUTPUT_DDL)
+            rows = indexed_tasks(spark, len(batch_groups), scan_files, SCAN_OUTPUT_DDL)
             files_read.update(uri for group in batch_groups for uri in group)
         else:
             def scan_rows(batches, scan=scan):
