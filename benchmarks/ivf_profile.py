@@ -11,7 +11,7 @@ plan, batch_plan, spark_job, merge) and every scan task its own seconds. Reporte
 medians over the repeats:
   - ours_s: the whole search, and stages: the seconds of each stage;
   - groups, tasks: the file groups scanned (each a unit of the workers' lists cache) and the
-    tasks that scanned them (one per core); group_scan_s_max / group_scan_s_min: the slowest /
+    tasks that scanned them (one per group); group_scan_s_max / group_scan_s_min: the slowest /
     fastest group's scan in its task (reading nothing once the lists are cached);
   - empty_job_s: a job of as many tasks that each return one empty scan record (the scan's own
     ``indexed_tasks`` + ``toArrow`` path): what Spark costs before any scanning;
@@ -72,7 +72,6 @@ def profile(spark, method: str, data, n: int, queries: int, topk: int, nlist: in
     index, _ = faiss_ivf(bundle, path)
     faiss.omp_set_num_threads(2)
     zq = bundle.quantizer.query_side(xq)
-    cores = spark.sparkContext.defaultParallelism
     rows = []
     for nprobe in sweep:
         totals, stages, task_max, task_min, n_groups = [], {s: [] for s in SEARCH_STAGES}, [], [], 0
@@ -95,10 +94,10 @@ def profile(spark, method: str, data, n: int, queries: int, topk: int, nlist: in
         ours_s, faiss_s = statistics.median(totals), statistics.median(faiss_times)
         row = {"nprobe": nprobe, "ours_s": round(ours_s, 3),
                "stages": {s: round(statistics.median(v), 3) for s, v in stages.items()},
-               "groups": n_groups, "tasks": min(cores, n_groups),
+               "groups": n_groups, "tasks": n_groups,
                "group_scan_s_max": round(statistics.median(task_max), 3),
                "group_scan_s_min": round(statistics.median(task_min), 3),
-               "empty_job_s": round(empty_job_seconds(spark, min(cores, n_groups), repeats), 3),
+               "empty_job_s": round(empty_job_seconds(spark, n_groups, repeats), 3),
                "faiss_s": round(faiss_s, 4), "ratio_to_faiss": round(ours_s / faiss_s, 2),
                "all_ours_s": [round(t, 3) for t in totals]}
         log.info("%s nprobe %d: %s", method, nprobe, row)
