@@ -244,8 +244,7 @@ def merge_topk(parts: list[PartitionTopK], k: int) -> tuple[np.ndarray, np.ndarr
     rank = np.full(len(all_ids), len(needed), np.int64)  # the rest: after every contender
     rank[needed[order]] = np.arange(len(needed))
     key = (_sortable_bits(D) << np.uint64(32)) | rank[G].astype(np.uint64)
-    pick = np.argpartition(key, keep - 1, axis=1)[:, :keep] if keep < D.shape[1] else \
-        np.broadcast_to(np.arange(keep), (len(D), keep))
+    pick = np.argpartition(key, keep - 1, axis=1)[:, :keep]
     pick = np.take_along_axis(pick, np.argsort(np.take_along_axis(key, pick, axis=1), axis=1), axis=1)
     D, G = np.take_along_axis(D, pick, axis=1), np.take_along_axis(G, pick, axis=1)
     # Only the kept ids become Python strings; places no code filled (fewer than k codes in the
