@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
 
 import faiss
-from ivf_speed import BITS, build_code_table, faiss_ivf, fit
-from real_data import CACHE, machine, real_embeddings, replicate
+from ivf_speed import BITS, build_code_table, faiss_ivf, fit, set_up
+from real_data import CACHE, machine, replicate
 
 log = logging.getLogger("benchmarks.ivf_profile")
 
@@ -118,15 +117,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="16,32", help="nprobe values")
     parser.add_argument("--out", default="benchmarks/results/ivf_profile.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    from audiohash.config import SparkSettings
-    from audiohash.spark.session import get_spark
-
-    nlist = args.nlist or round(4 * math.sqrt(args.n))
-    data = real_embeddings("gm")
-    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
-    sweep = tuple(int(v) for v in args.sweep.split(","))
+    spark, data, nlist, sweep = set_up(args)
     result = {**profile(spark, args.method, data, args.n, args.queries, args.topk, nlist, args.repeats, args.shards,
                         sweep), "machine": machine()}
     spark.stop()

@@ -172,6 +172,20 @@ def plot(results: list[dict], path: Path) -> None:
                    "seconds for the queries", "recall@100 vs exhaustive", logx=True)
 
 
+def set_up(args):
+    """What the IVF benchmarks (this one, ivf_profile.py) start from, given their --n, --nlist and
+    --sweep: logging, a local[2] session, the real GM embeddings, the lists (0 = about 4 sqrt(n))
+    and the nprobe values."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from audiohash.config import SparkSettings
+    from audiohash.spark.session import get_spark
+
+    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
+    return (spark, real_embeddings("gm"), args.nlist or round(4 * math.sqrt(args.n)),
+            tuple(int(v) for v in args.sweep.split(",")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -186,15 +200,7 @@ def main() -> None:
     parser.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="nprobe values")
     parser.add_argument("--out", default="benchmarks/results/ivf_speed.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    from audiohash.config import SparkSettings
-    from audiohash.spark.session import get_spark
-
-    nlist = args.nlist or round(4 * math.sqrt(args.n))
-    data = real_embeddings("gm")
-    spark = get_spark(SparkSettings(master="local[2]", show_progress=False, extra={"spark.ui.enabled": "false"}))
-    sweep = tuple(int(v) for v in args.sweep.split(","))
+    spark, data, nlist, sweep = set_up(args)
     results = [{**run_method(spark, method, data, args.n, args.queries, args.topk, nlist, args.repeats, args.shards,
                              sweep, args.train_rows_per_list), "train_rows_per_list": args.train_rows_per_list,
                 "machine": machine()} for method in args.methods.split(",")]
