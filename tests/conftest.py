@@ -3,6 +3,7 @@ dataset, and a Config pointing every table and the MLflow store into a temp lake
 from __future__ import annotations
 
 import importlib.util
+import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def pytest_configure(config):
 # suite's wall time is its slower worker's).
 LONG_FILES_FIRST = ("test_cluster.py", "test_encode_spark.py", "test_query_spark.py", "test_quantizers.py",
                     "test_report.py", "test_extract_spark.py", "test_pipeline_e2e.py")
+
+
+def pytest_sessionstart(session):
+    """Under xdist each worker gets its share of the cores for torch and faiss: with their default
+    (every core) two workers oversubscribe a 2-core machine, and the training tests ran about 4x
+    slower in the suite than alone. Spark's Python workers set their own (``spark.task.cpus``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import faiss
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(session, config, items):
