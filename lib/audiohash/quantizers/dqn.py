@@ -326,6 +326,11 @@ class DQNCls(DQN):
     only where the head and the propagation agree 51.9 / 49.9; propagation seeded by the previous
     round's pseudo-labels 49.5 / 47.4; every unlabeled row pseudo-labeled by propagation, weighted
     by 1 - its normalized entropy in both losses (Iscen et al.'s weights) 49.9 / 48.8.
+
+    Session 17, the same carve, cross-bank, label seed 0 (these defaults: 53.1; a scratch copy, not
+    kept): the labeled batch's outputs pulled to an unlabeled batch's first two moments (Deep CORAL,
+    Sun & Saenko 2016, mean + covariance terms) at weight 0.1 / 1 / 10: 49.4 / 38.6 / 19.3; Gaussian
+    noise of std 0.2 on the labeled inputs (``dqn_semi``'s device): 48.6.
     """
 
     method = "dqn_cls"
